@@ -1,0 +1,1 @@
+"""Engine-agnostic core: scorers, layer-budget allocators, profiles, calibration, HF reference path."""
