@@ -1,0 +1,1 @@
+"""Attention backends whose KV reads go through ``DepthKVPool``'s per-layer mapping."""

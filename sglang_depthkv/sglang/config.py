@@ -1,0 +1,283 @@
+"""The plugin's settings: the ``--kv-*`` flags, their parsing and their start-up validation.
+
+One frozen, picklable dataclass (``DepthKVSettings``) is attached to SGLang's ``ServerArgs`` as the
+underscore attribute ``_depthkv_settings`` (``ServerArgs`` is read-only except for underscore names);
+it travels with the pickled ``ServerArgs`` into the spawned scheduler processes, where the pool,
+allocator, tree-cache and backend hooks read it. ``None`` (no ``--kv-policy``) means: vanilla SGLang,
+every hook passes through.
+
+Every refusal raises ``DepthKVConfigError`` (a ``ValueError``) whose message starts with the flag at
+fault, before any model weight is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+POLICY_CHOICES = ("depthkv", "laprox", "kvzip", "snapkv", "pyramid", "streamingllm", "full")
+
+# Engine(...) keyword -> CLI flag. The keyword names are also the argparse dests.
+KWARG_TO_FLAG = {
+    "kv_policy": "--kv-policy",
+    "kv_budget": "--kv-budget",
+    "kv_profile": "--kv-profile",
+    "kv_gates": "--kv-gates",
+    "kv_window": "--kv-window",
+    "kv_sinks": "--kv-sinks",
+    "kv_decode_interval": "--kv-decode-interval",
+}
+
+DEFAULT_SINKS = 4
+DEFAULT_WINDOW = 32
+DEFAULT_DECODE_INTERVAL = 0  # 0: prune at the end of prefill only
+
+# Attention backends whose reads go through the per-layer mapping (sglang/backends/).
+SUPPORTED_ATTENTION_BACKENDS = ("torch_native",)
+# Model architectures whose every layer is plain full attention with an MHA/GQA KV cache.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_MODEL_DTYPE_KV = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", None)
+
+
+class DepthKVConfigError(ValueError):
+    """A ``--kv-*`` flag (or an SGLang flag combined with it) that the plugin refuses."""
+
+    def __init__(self, flag: str, message: str):
+        self.flag = flag
+        super().__init__(f"{flag}: {message}")
+
+
+@dataclass(frozen=True)
+class DepthKVSettings:
+    policy: str
+    budget: float
+    profile: Optional[str] = None
+    gates: Optional[str] = None
+    window: int = DEFAULT_WINDOW
+    sinks: int = DEFAULT_SINKS
+    decode_interval: int = DEFAULT_DECODE_INTERVAL
+
+    @property
+    def prunes(self) -> bool:
+        return self.policy != "full" and self.budget < 1.0
+
+
+def add_cli_flags(parser) -> None:
+    """Add the ``--kv-*`` flags to SGLang's argparse parser (shown in ``--help``)."""
+    g = parser.add_argument_group("sglang-depthkv (per-layer KV pruning under one global budget)")
+    g.add_argument("--kv-policy", dest="kv_policy", choices=POLICY_CHOICES, default=None,
+                   help="Per-layer KV pruning policy. Unset: vanilla SGLang (the plugin does nothing).")
+    g.add_argument("--kv-budget", dest="kv_budget", type=float, default=None,
+                   help="Global KV budget in (0, 1]: fraction of all (layer, token) KV slots kept. "
+                        "Required unless --kv-policy full (which keeps everything).")
+    g.add_argument("--kv-profile", dest="kv_profile", default=None,
+                   help="DepthKV sensitivity profile JSON (required by --kv-policy depthkv).")
+    g.add_argument("--kv-gates", dest="kv_gates", default=None,
+                   help="KVzip gate file (required by --kv-policy kvzip).")
+    g.add_argument("--kv-window", dest="kv_window", type=int, default=None,
+                   help=f"Recent tokens always kept (default {DEFAULT_WINDOW}).")
+    g.add_argument("--kv-sinks", dest="kv_sinks", type=int, default=None,
+                   help=f"First tokens always kept (default {DEFAULT_SINKS}).")
+    g.add_argument("--kv-decode-interval", dest="kv_decode_interval", type=int, default=None,
+                   help="Re-prune every N decode steps; 0 = prune after prefill only "
+                        f"(default {DEFAULT_DECODE_INTERVAL}).")
+
+
+def pop_kv_kwargs(kwargs: dict) -> dict:
+    """Remove and return the ``kv_*`` keywords from ``kwargs`` (Engine / ServerArgs keywords)."""
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in KWARG_TO_FLAG}
+
+
+def _int_flag(raw: Mapping[str, Any], key: str, default: int, lo: int) -> int:
+    v = raw.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise DepthKVConfigError(KWARG_TO_FLAG[key], f"must be an integer, got {v!r}")
+    if v < lo:
+        raise DepthKVConfigError(KWARG_TO_FLAG[key], f"must be >= {lo}, got {v}")
+    return v
+
+
+def parse_settings(raw: Mapping[str, Any]) -> Optional[DepthKVSettings]:
+    """Validate the ``kv_*`` values on their own. ``None`` when no policy is given (vanilla); any
+    other ``kv_*`` value without a policy is refused (it would silently do nothing)."""
+    unknown = [k for k in raw if k not in KWARG_TO_FLAG]
+    if unknown:
+        raise DepthKVConfigError(unknown[0], "unknown depthkv setting")
+    policy = raw.get("kv_policy")
+    given = [k for k, v in raw.items() if v is not None and k != "kv_policy"]
+    if policy is None:
+        if given:
+            raise DepthKVConfigError(
+                KWARG_TO_FLAG[given[0]], "given without --kv-policy (it would be ignored); add --kv-policy"
+            )
+        return None
+    if policy not in POLICY_CHOICES:
+        raise DepthKVConfigError("--kv-policy", f"unknown policy {policy!r}; choose from {', '.join(POLICY_CHOICES)}")
+
+    budget = raw.get("kv_budget")
+    if policy == "full":
+        if budget is not None and float(budget) != 1.0:
+            raise DepthKVConfigError("--kv-budget", f"--kv-policy full keeps every token; budget must be 1.0, got {budget}")
+        budget = 1.0
+    if budget is None:
+        raise DepthKVConfigError("--kv-budget", f"required with --kv-policy {policy} (a number in (0, 1])")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise DepthKVConfigError("--kv-budget", f"must be a number in (0, 1], got {budget!r}")
+    budget = float(budget)
+    if not math.isfinite(budget) or not (0.0 < budget <= 1.0):
+        raise DepthKVConfigError("--kv-budget", f"must be in (0, 1], got {budget}")
+
+    profile, gates = raw.get("kv_profile"), raw.get("kv_gates")
+    if policy == "depthkv" and profile is None:
+        raise DepthKVConfigError("--kv-profile", "required with --kv-policy depthkv (a DepthKV sensitivity profile)")
+    if policy != "depthkv" and profile is not None:
+        raise DepthKVConfigError("--kv-profile", f"only used by --kv-policy depthkv, not {policy}")
+    if policy == "kvzip" and gates is None:
+        raise DepthKVConfigError("--kv-gates", "required with --kv-policy kvzip (a trained gate file)")
+    if policy != "kvzip" and gates is not None:
+        raise DepthKVConfigError("--kv-gates", f"only used by --kv-policy kvzip, not {policy}")
+
+    return DepthKVSettings(
+        policy=policy,
+        budget=budget,
+        profile=None if profile is None else str(profile),
+        gates=None if gates is None else str(gates),
+        window=_int_flag(raw, "kv_window", DEFAULT_WINDOW, 0),
+        sinks=_int_flag(raw, "kv_sinks", DEFAULT_SINKS, 0),
+        decode_interval=_int_flag(raw, "kv_decode_interval", DEFAULT_DECODE_INTERVAL, 0),
+    )
+
+
+def prepare_server_kwargs(settings: DepthKVSettings, kwargs: dict) -> None:
+    """Before ``ServerArgs`` resolves: pin the attention backend when the user left it unset
+    (SGLang's own default would be a backend whose reads do not go through our mapping)."""
+    if kwargs.get("attention_backend") is None:
+        kwargs["attention_backend"] = SUPPORTED_ATTENTION_BACKENDS[0]
+
+
+def check_server_args(settings: DepthKVSettings, sa) -> None:
+    """Refuse, by name, the SGLang configurations the per-layer pool does not support (yet)."""
+    g = lambda name, default=None: getattr(sa, name, default)  # noqa: E731
+    if g("page_size") not in (None, 1):
+        raise DepthKVConfigError("--page-size", f"{g('page_size')} not supported with --kv-policy (page_size 1 only: "
+                                 "pruning frees single tokens; paged allocators free whole pages)")
+    if g("speculative_algorithm"):
+        raise DepthKVConfigError("--speculative-algorithm", "speculative decoding is not supported with --kv-policy "
+                                 "(the draft pool and move_kv_cache are not per-layer)")
+    if g("enable_hierarchical_cache"):
+        raise DepthKVConfigError("--enable-hierarchical-cache", "not supported with --kv-policy (host pools mirror a "
+                                 "uniform per-layer slot layout)")
+    for name in ("tp_size", "pp_size", "dp_size"):
+        if (g(name) or 1) > 1:
+            flag = "--" + name.replace("_", "-")
+            raise DepthKVConfigError(flag, f"{g(name)} not supported with --kv-policy (single rank only for now)")
+    if g("enable_dp_attention"):
+        raise DepthKVConfigError("--enable-dp-attention", "not supported with --kv-policy")
+    for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+        v = g(name)
+        if v is not None and v not in SUPPORTED_ATTENTION_BACKENDS:
+            raise DepthKVConfigError("--" + name.replace("_", "-"),
+                                     f"{v!r} not supported with --kv-policy; supported: {', '.join(SUPPORTED_ATTENTION_BACKENDS)}")
+    if g("radix_cache_backend"):
+        raise DepthKVConfigError("--radix-cache-backend", "the plugin installs its own per-layer radix cache; "
+                                 "do not combine --kv-policy with another radix-cache backend")
+    if g("enable_unified_memory"):
+        raise DepthKVConfigError("--enable-unified-memory", "not supported with --kv-policy")
+    if g("enable_page_major_kv_layout"):
+        raise DepthKVConfigError("--enable-page-major-kv-layout", "not supported with --kv-policy")
+    if g("kv_cache_dtype") not in _MODEL_DTYPE_KV:
+        raise DepthKVConfigError("--kv-cache-dtype", f"{g('kv_cache_dtype')!r} not supported with --kv-policy "
+                                 "(quantized KV caches have other layouts)")
+    dm = g("disaggregation_mode")
+    if dm not in (None, "null"):
+        raise DepthKVConfigError("--disaggregation-mode", f"{dm!r} not supported with --kv-policy")
+    if g("enable_session_radix_cache") or g("enable_streaming_session"):
+        raise DepthKVConfigError("--enable-session-radix-cache", "session / streaming radix caches are not supported "
+                                 "with --kv-policy")
+    if g("enable_lora"):
+        raise DepthKVConfigError("--enable-lora", "not supported with --kv-policy")
+
+
+def check_model(settings: DepthKVSettings, hf_config) -> None:
+    """Refuse models whose attention is not plain per-layer MHA/GQA (MLA, sliding window, hybrid)."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise DepthKVConfigError("--model-path", f"architecture {archs} not supported with --kv-policy; "
+                                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if getattr(hf_config, "kv_lora_rank", None):
+        raise DepthKVConfigError("--model-path", "MLA models are not supported with --kv-policy")
+    if getattr(hf_config, "use_sliding_window", False) or (
+        getattr(hf_config, "sliding_window", None) and "use_sliding_window" not in hf_config.to_dict()
+    ):
+        raise DepthKVConfigError("--model-path", "sliding-window attention models are not supported with --kv-policy")
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        raise DepthKVConfigError("--model-path", f"hybrid models (layer types {sorted(set(layer_types))}) are not "
+                                 "supported with --kv-policy")
+
+
+def model_identity(hf_config):
+    from sglang_depthkv.core.types import ModelIdentity
+
+    return ModelIdentity.from_hf_config(hf_config)
+
+
+def check_files(settings: DepthKVSettings, hf_config) -> None:
+    """Load the profile / gate file against the model; their loaders raise ValueError subclasses."""
+    identity = model_identity(hf_config)
+    if settings.profile is not None:
+        try:
+            from sglang_depthkv.core.profile import load_profile
+        except ImportError as e:  # the core module is another issue's; never ignore the flag
+            raise DepthKVConfigError("--kv-profile", f"cannot load profiles: {e}") from e
+        try:
+            load_profile(settings.profile, identity)
+        except ValueError as e:
+            raise DepthKVConfigError("--kv-profile", str(e)) from e
+    if settings.gates is not None:
+        try:
+            from sglang_depthkv.core.gates import load_gates
+        except ImportError as e:
+            raise DepthKVConfigError("--kv-gates", f"cannot load gate files: {e}") from e
+        try:
+            load_gates(settings.gates, identity)
+        except ValueError as e:
+            raise DepthKVConfigError("--kv-gates", str(e)) from e
+
+
+def check_budget_fits(settings: DepthKVSettings, context_len: int) -> None:
+    """A budget must leave room for the always-kept sinks + window of a full-length request."""
+    protected = settings.sinks + settings.window
+    if settings.prunes and settings.budget * context_len < protected:
+        raise DepthKVConfigError(
+            "--kv-budget",
+            f"{settings.budget} keeps {settings.budget * context_len:.0f} of {context_len} tokens per layer, "
+            f"less than --kv-sinks {settings.sinks} + --kv-window {settings.window} = {protected}",
+        )
+
+
+def load_hf_config(sa):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(sa.model_path, trust_remote_code=bool(getattr(sa, "trust_remote_code", False)))
+    except Exception as e:  # noqa: BLE001 - named error, not a fallback
+        raise DepthKVConfigError("--model-path", f"cannot read the model config of {sa.model_path!r}: {e}") from e
+
+
+def validate_all(settings: DepthKVSettings, sa) -> None:
+    check_server_args(settings, sa)
+    hf = load_hf_config(sa)
+    check_model(settings, hf)
+    check_files(settings, hf)
+    ctx = getattr(sa, "context_length", None) or getattr(hf, "max_position_embeddings", None) or 0
+    if ctx:
+        check_budget_fits(settings, int(ctx))
+
+
+def settings_of(server_args) -> Optional[DepthKVSettings]:
+    """The settings attached to a resolved ``ServerArgs`` (``None``: vanilla)."""
+    return getattr(server_args, "_depthkv_settings", None)

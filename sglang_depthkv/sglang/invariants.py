@@ -1,0 +1,55 @@
+"""Per-layer invariants of ``DepthKVAllocator`` (+ tree): run where SGLang runs its own checks.
+
+Structural (any time): at every layer, free slots are unique, in ``[1, C_l]``, never mapped; mapped
+slots are unique; free + mapped == C_l (no slot leaks); use <= capacity. Accounting (idle, or with
+the request-held counts given): ``free + tree_evictable + tree_protected + held_by_requests == C_l``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+
+def structural_violations(alloc) -> List[str]:
+    out = []
+    for l, cap in enumerate(alloc.layer_capacities):
+        free = alloc.layer_free[l]
+        m = alloc.mapping[l]
+        mapped = m[m > 0].long()
+        if free.numel() and (int(free.min()) < 1 or int(free.max()) > cap):
+            out.append(f"layer {l}: free slot outside [1, {cap}]")
+        if torch.unique(free).numel() != free.numel():
+            out.append(f"layer {l}: {free.numel() - torch.unique(free).numel()} duplicate free slots (double free)")
+        if torch.unique(mapped).numel() != mapped.numel():
+            out.append(f"layer {l}: a slot is mapped by two logical ids")
+        both = torch.isin(mapped, free)
+        if bool(both.any()):
+            out.append(f"layer {l}: {int(both.sum())} slots both free and mapped")
+        if free.numel() + mapped.numel() != cap:
+            out.append(f"layer {l}: free {free.numel()} + mapped {mapped.numel()} != capacity {cap} (slot leak)")
+        if int(m[-1]) != 0 or int(m[0]) != 0:
+            out.append(f"layer {l}: padding entries of the mapping are not 0")
+    return out
+
+
+def accounting_violations(alloc, tree_cache=None, request_held: Optional[Sequence[int]] = None) -> List[str]:
+    L = alloc.num_layers
+    ev, pr = ([0] * L, [0] * L)
+    if tree_cache is not None and hasattr(tree_cache, "layer_tree_sizes"):
+        ev, pr = tree_cache.layer_tree_sizes()
+    held = list(request_held) if request_held is not None else [0] * L
+    out = []
+    for l, cap in enumerate(alloc.layer_capacities):
+        free = alloc.layer_available_size(l)
+        if free + ev[l] + pr[l] + held[l] != cap:
+            out.append(
+                f"[depthkv layer {l}] capacity={cap}, free={free}, evictable={ev[l]}, protected={pr[l]}, "
+                f"held_by_requests={held[l]}"
+            )
+    return out
+
+
+def check(alloc, tree_cache=None, request_held=None) -> List[str]:
+    return structural_violations(alloc) + accounting_violations(alloc, tree_cache, request_held)
