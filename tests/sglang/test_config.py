@@ -1,0 +1,187 @@
+"""Flags and start-up validation: through SGLang's real CLI parser (``prepare_server_args``) and
+through ``sglang.Engine(...)`` keywords, with the plugin loaded by SGLang's own plugin loader.
+Every refusal happens while ``ServerArgs`` is built, before any subprocess is started."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sglang_depthkv.sglang.config import DepthKVConfigError, POLICY_CHOICES, parse_settings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def plugins():
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    from sglang_depthkv.patches.registry import missing_hooks
+
+    assert missing_hooks() == []
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from tiny_models import save_tiny_model
+
+    return str(save_tiny_model(tmp_path_factory.mktemp("llama"), "llama", seed=0))
+
+
+@pytest.fixture(scope="module")
+def swa_model(tmp_path_factory):
+    from tiny_models import save_tiny_model
+
+    d = save_tiny_model(tmp_path_factory.mktemp("qwen2swa"), "qwen2", seed=0)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["use_sliding_window"] = True
+    cfg["sliding_window"] = 16
+    (d / "config.json").write_text(json.dumps(cfg))
+    return str(d)
+
+
+def cli(model, *flags):
+    from sglang.srt.server_args import prepare_server_args
+
+    return prepare_server_args(["--model-path", model, "--device", "cpu", "--skip-tokenizer-init", *flags])
+
+
+# --- the settings on their own -------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "raw, flag",
+    [
+        ({"kv_policy": "bogus", "kv_budget": 0.5}, "--kv-policy"),
+        ({"kv_policy": "snapkv"}, "--kv-budget"),
+        ({"kv_policy": "snapkv", "kv_budget": 0.0}, "--kv-budget"),
+        ({"kv_policy": "snapkv", "kv_budget": 1.5}, "--kv-budget"),
+        ({"kv_policy": "snapkv", "kv_budget": -0.1}, "--kv-budget"),
+        ({"kv_policy": "snapkv", "kv_budget": float("nan")}, "--kv-budget"),
+        ({"kv_policy": "snapkv", "kv_budget": "0.3"}, "--kv-budget"),
+        ({"kv_policy": "full", "kv_budget": 0.5}, "--kv-budget"),
+        ({"kv_policy": "depthkv", "kv_budget": 0.3}, "--kv-profile"),
+        ({"kv_policy": "kvzip", "kv_budget": 0.3}, "--kv-gates"),
+        ({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_profile": "p.json"}, "--kv-profile"),
+        ({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_gates": "g.pt"}, "--kv-gates"),
+        ({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_window": -1}, "--kv-window"),
+        ({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_sinks": 1.5}, "--kv-sinks"),
+        ({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_decode_interval": -2}, "--kv-decode-interval"),
+        ({"kv_budget": 0.3}, "--kv-budget"),  # a kv flag without a policy would be silently ignored
+    ],
+)
+def test_parse_settings_refuses(raw, flag):
+    with pytest.raises(DepthKVConfigError) as e:
+        parse_settings(raw)
+    assert str(e.value).startswith(flag + ":"), str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+def test_parse_settings_defaults():
+    assert parse_settings({}) is None
+    s = parse_settings({"kv_policy": "full"})
+    assert (s.policy, s.budget, s.sinks, s.window, s.decode_interval) == ("full", 1.0, 4, 32, 0)
+    s = parse_settings({"kv_policy": "streamingllm", "kv_budget": 0.25, "kv_window": 8, "kv_sinks": 2})
+    assert (s.budget, s.window, s.sinks) == (0.25, 8, 2)
+
+
+# --- CLI ------------------------------------------------------------------------------------------
+
+def test_help_shows_flags(plugins):
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    text = parser.format_help()
+    for flag in ("--kv-policy", "--kv-budget", "--kv-profile", "--kv-gates", "--kv-window", "--kv-sinks",
+                 "--kv-decode-interval"):
+        assert flag in text
+    for p in POLICY_CHOICES:
+        assert p in text
+
+
+def test_cli_accepts_and_attaches(plugins, llama):
+    sa = cli(llama, "--kv-policy", "snapkv", "--kv-budget", "0.5", "--kv-window", "8")
+    s = sa._depthkv_settings
+    assert (s.policy, s.budget, s.window) == ("snapkv", 0.5, 8)
+    assert sa.attention_backend == "torch_native"
+    # survives the pickle into the scheduler process
+    import pickle
+
+    assert pickle.loads(pickle.dumps(sa))._depthkv_settings == s
+
+
+def test_cli_without_policy_is_vanilla(plugins, llama):
+    sa = cli(llama)
+    assert getattr(sa, "_depthkv_settings", None) is None
+
+
+def test_cli_unknown_policy_is_an_argparse_error(plugins, llama, capsys):
+    with pytest.raises(SystemExit):
+        cli(llama, "--kv-policy", "bogus")
+    assert "--kv-policy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--kv-policy", "snapkv", "--kv-budget", "1.5"], "--kv-budget"),
+        (["--kv-policy", "snapkv", "--kv-budget", "0"], "--kv-budget"),
+        (["--kv-policy", "kvzip", "--kv-budget", "0.3"], "--kv-gates"),
+        (["--kv-policy", "depthkv", "--kv-budget", "0.3"], "--kv-profile"),
+        (["--kv-policy", "full", "--page-size", "16"], "--page-size"),
+        (["--kv-policy", "full", "--attention-backend", "triton"], "--attention-backend"),
+        (["--kv-policy", "full", "--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
+        (["--kv-policy", "full", "--speculative-algorithm", "NGRAM"], "--speculative-algorithm"),
+        (["--kv-policy", "full", "--tp-size", "2"], "--tp-size"),
+        (["--kv-policy", "snapkv", "--kv-budget", "0.01", "--context-length", "1000"], "--kv-budget"),
+    ],
+)
+def test_cli_refuses(plugins, llama, flags, flag):
+    with pytest.raises(DepthKVConfigError) as e:
+        cli(llama, *flags)
+    assert str(e.value).startswith(flag + ":"), str(e.value)
+
+
+def test_cli_refuses_sliding_window_model(plugins, swa_model):
+    with pytest.raises(DepthKVConfigError, match="^--model-path: sliding-window"):
+        cli(swa_model, "--kv-policy", "full")
+
+
+def test_cli_refuses_profile_of_another_model(plugins, llama, tmp_path):
+    pytest.importorskip("sglang_depthkv.core.profile", reason="core/profile.py not landed yet")
+    bad = tmp_path / "p.json"
+    bad.write_text("{not json")
+    with pytest.raises(DepthKVConfigError, match="^--kv-profile:"):
+        cli(llama, "--kv-policy", "depthkv", "--kv-budget", "0.3", "--kv-profile", str(bad))
+
+
+# --- Engine(...) keywords -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kw, flag",
+    [
+        (dict(kv_policy="snapkv", kv_budget=1.5), "--kv-budget"),
+        (dict(kv_policy="kvzip", kv_budget=0.3), "--kv-gates"),
+        (dict(kv_policy="full", page_size=4), "--page-size"),
+        (dict(kv_policy="nope"), "--kv-policy"),
+        (dict(kv_budget=0.3), "--kv-budget"),
+    ],
+)
+def test_engine_keywords_refused_before_launch(plugins, llama, kw, flag):
+    import sglang
+
+    with pytest.raises(DepthKVConfigError) as e:
+        sglang.Engine(model_path=llama, device="cpu", skip_tokenizer_init=True, max_total_tokens=256, **kw)
+    assert str(e.value).startswith(flag + ":"), str(e.value)
+
+
+def test_server_args_keywords_attach(plugins, llama):
+    from sglang.srt.server_args import ServerArgs
+
+    sa = ServerArgs(model_path=llama, device="cpu", skip_tokenizer_init=True, kv_policy="streamingllm",
+                    kv_budget=0.5, kv_sinks=2)
+    assert sa._depthkv_settings.sinks == 2 and sa.attention_backend == "torch_native"
