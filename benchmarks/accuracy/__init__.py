@@ -1,0 +1,1 @@
+"""RULER-style accuracy harness: task generators, the sweep runner, the report."""

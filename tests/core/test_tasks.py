@@ -1,0 +1,118 @@
+"""RULER-style task generators (benchmarks/accuracy/tasks.py) with SmolLM2's real tokenizer."""
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.accuracy.tasks import TASKS, TaskSample, make_sample, make_samples, score  # noqa: E402
+from sglang_depthkv.core.haystack import haystack_text  # noqa: E402
+from sglang_depthkv.core.smollm2 import chat_prompt, gguf_path  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    p = gguf_path()
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+@pytest.fixture(scope="module")
+def hay():
+    return haystack_text()
+
+
+def _make(tok, hay, task, n, i=0, seed=0):
+    return make_sample(task, n, i, tokenizer=tok, haystack=hay, chat=lambda u: chat_prompt(tok, u), seed=seed)
+
+
+def _ntok(tok, text):
+    return len(tok(text, add_special_tokens=False).input_ids)
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("n", [600, 2048])
+def test_length_needles_and_template(tok, hay, task, n):
+    s = _make(tok, hay, task, n)
+    assert abs(_ntok(tok, s.prompt) - n) <= 64
+    assert s.prompt.startswith("<|im_start|>system")
+    assert "<|im_start|>user\n" in s.prompt and "<|im_start|>assistant\n" in s.prompt
+    user = s.prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>")[0]
+    # every answer appears in the user turn (as a needle), as a whole number / name
+    for a in s.answers:
+        assert re.search(rf"(?<![\dA-Z]){a}(?![\dA-Z])", user) is not None
+    assert user.endswith(s.question)
+    assert s.depths == sorted(s.depths) and all(0.0 < d < 1.0 for d in s.depths)
+
+
+def test_needle_texts(tok, hay):
+    s = _make(tok, hay, "passkey", 1024)
+    key = s.answers[0]
+    assert re.fullmatch(r"\d{5}", key)
+    assert f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n" in s.prompt
+    assert s.prompt.endswith("<|im_start|>assistant\nThe pass key is ")
+
+    mk = _make(tok, hay, "multikey", 1024)
+    assert mk.prompt.count("One of the special magic numbers for ") == 4
+    asked = re.search(r"What is the special magic number for (\w+)\?", mk.prompt).group(1)
+    assert f"One of the special magic numbers for {asked} is: {mk.answers[0]}." in mk.prompt
+
+    mv = _make(tok, hay, "multivalue", 1024)
+    word = re.search(r"What are all the special magic numbers for (\w+)\?", mv.prompt).group(1)
+    assert len(mv.answers) == 4 and len(set(mv.answers)) == 4
+    for v in mv.answers:
+        assert f"One of the special magic numbers for {word} is: {v}." in mv.prompt
+
+    vt = _make(tok, hay, "vartrack", 1024)
+    value = re.search(r"assigned the value (\d{5})\.", vt.prompt).group(1)
+    # follow the chain independently, from the prompt text
+    holders = {re.search(rf"VAR ([A-Z]{{5}}) = {value}\.", vt.prompt).group(1)}
+    for new, old in re.findall(r"VAR ([A-Z]{5}) = VAR ([A-Z]{5})\.", vt.prompt):
+        assert old in holders  # chain order: each assignment refers to an earlier variable
+        holders.add(new)
+    assert holders == set(vt.answers) and len(holders) == 5
+
+
+def test_deterministic_and_seed_dependent(tok, hay):
+    a = _make(tok, hay, "multikey", 800, i=1, seed=7)
+    b = _make(tok, hay, "multikey", 800, i=1, seed=7)
+    c = _make(tok, hay, "multikey", 800, i=1, seed=8)
+    d = _make(tok, hay, "multikey", 800, i=2, seed=7)
+    assert a.prompt == b.prompt and a.answers == b.answers
+    assert c.prompt != a.prompt and d.prompt != a.prompt
+
+
+def test_make_samples_order_and_counts(tok, hay):
+    out = make_samples(["passkey", "vartrack"], {1024: 2, 512: 1}, tokenizer=tok, haystack=hay,
+                       chat=lambda u: chat_prompt(tok, u))
+    assert [(s.target_tokens, s.task, s.index) for s in out] == [
+        (512, "passkey", 0), (512, "vartrack", 0),
+        (1024, "passkey", 0), (1024, "passkey", 1), (1024, "vartrack", 0), (1024, "vartrack", 1)]
+
+
+def test_score_exact_and_fractional():
+    s = TaskSample("passkey", 1024, 0, 0, "", ["12345"], "q")
+    assert score(s, "12345.") == 1.0
+    assert score(s, "The key is 12345 indeed") == 1.0
+    assert score(s, "123456") == 0.0  # not a whole-number match
+    assert score(s, "1234") == 0.0
+    mv = TaskSample("multivalue", 1024, 0, 0, "", ["11111", "22222", "33333", "44444"], "q")
+    assert score(mv, "11111, 33333 and 99999") == 0.5
+    vt = TaskSample("vartrack", 1024, 0, 0, "", ["ABCDE", "FGHIJ"], "q")
+    assert score(vt, "ABCDEF, FGHIJ") == 0.5
+    with pytest.raises(ValueError, match="no answers"):
+        score(TaskSample("passkey", 1024, 0, 0, "", [], "q"), "x")
+
+
+def test_bad_input(tok, hay):
+    with pytest.raises(ValueError, match="unknown task 'qa'"):
+        _make(tok, hay, "qa", 1024)
+    with pytest.raises(ValueError, match="target_tokens"):
+        _make(tok, hay, "passkey", 100)
+    with pytest.raises(ValueError, match="too short"):
+        make_sample("passkey", 4096, 0, tokenizer=tok, haystack=hay[:1000], chat=lambda u: chat_prompt(tok, u))
