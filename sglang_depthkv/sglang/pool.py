@@ -125,7 +125,7 @@ class DepthKVPool(KVCache):
         out = []
         for l in range(self.layer_num):
             slots = self.mapping[l][indices.long()].long()
-            out.append((slots > 0).cpu(), self.k_buffer[l][slots].cpu(), self.v_buffer[l][slots].cpu())
+            out.append(((slots > 0).cpu(), self.k_buffer[l][slots].cpu(), self.v_buffer[l][slots].cpu()))
         return out
 
     def load_cpu_copy(self, kv_cache_cpu, indices, mamba_indices=None):
