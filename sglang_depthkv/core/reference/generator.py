@@ -107,13 +107,12 @@ class ReferenceModel:
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
-    def prefill(self, input_ids, window: int = 32, capture_hidden: bool = True) -> FullPrefill:
-        """Full-cache prefill; captures per-layer K/V and LayerObservations (last ``window`` queries,
-        clipped to n; hidden states = attention input after the input norm if ``capture_hidden``)."""
+    def capture_forward(self, input_ids, window: int = 0, capture_hidden: bool = False,
+                        prob_capture=None):
+        """One full-attention forward from position 0 with captures (see ``AttentionState``).
+        Returns ``(state, hidden, logits)``: hidden is per layer ``[T, hidden]`` or None."""
         ids = _check_ids(input_ids, "input_ids")
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int, got {window!r}")
-        state = AttentionState(self.num_layers, window=window)
+        state = AttentionState(self.num_layers, window=window, prob_capture=prob_capture)
         hidden: list = [None] * self.num_layers
         hooks = []
         if capture_hidden:
@@ -126,6 +125,16 @@ class ReferenceModel:
         finally:
             for h in hooks:
                 h.remove()
+        return state, hidden, logits
+
+    @torch.no_grad()
+    def prefill(self, input_ids, window: int = 32, capture_hidden: bool = True) -> FullPrefill:
+        """Full-cache prefill; captures per-layer K/V and LayerObservations (last ``window`` queries,
+        clipped to n; hidden states = attention input after the input norm if ``capture_hidden``)."""
+        ids = _check_ids(input_ids, "input_ids")
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        state, hidden, logits = self.capture_forward(ids, window=window, capture_hidden=capture_hidden)
         obs = []
         for l in range(self.num_layers):
             o = LayerObservation(
