@@ -1,0 +1,175 @@
+"""``python -m sglang_depthkv`` subcommands: ``calibrate``, ``train-gates``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+DEFAULT_NOVEL = "pride"  # core.haystack.CALIBRATION_NOVELS: never a task haystack
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--keep-fractions must be comma-separated numbers: {exc}") from exc
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory (config.json + weights, or a GGUF file inside)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    p.add_argument("--text", default=None, help="UTF-8 text file to calibrate/train on")
+    p.add_argument("--novel", default=None,
+                   help=f"packaged Austen novel to use when --text is not given (default {DEFAULT_NOVEL!r}, the "
+                        "calibration novel, never used as a task haystack)")
+    p.add_argument("--tokenizer", choices=("auto", "bytes"), default="auto",
+                   help="auto: the model's tokenizer; bytes: UTF-8 bytes as token ids (tokenizer-less test models)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sglang_depthkv", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cal = sub.add_parser("calibrate", help="per-layer sensitivity profile for DepthKV budgets")
+    _add_model_args(cal)
+    cal.add_argument("--out", required=True, help="profile JSON to write")
+    cal.add_argument("--keep-fractions", type=_fractions, default=[0.1, 0.2, 0.3, 0.5])
+    cal.add_argument("--context-tokens", type=int, default=1024)
+    cal.add_argument("--continuation-tokens", type=int, default=64)
+    cal.add_argument("--samples", type=int, default=2)
+    cal.add_argument("--scorer", default="snapkv", choices=("snapkv", "streamingllm", "laprox"))
+    cal.add_argument("--window", type=int, default=32)
+    cal.add_argument("--sinks", type=int, default=4)
+
+    tg = sub.add_parser("train-gates", help="fit KVzip-style keep gates from forward passes of the frozen model")
+    _add_model_args(tg)
+    tg.add_argument("--out", required=True, help="gate file (.safetensors) to write")
+    tg.add_argument("--context-tokens", type=int, default=256)
+    tg.add_argument("--samples", type=int, default=8)
+    tg.add_argument("--no-hidden", action="store_true", help="gate on the key only (no hidden-state features)")
+    tg.add_argument("--ridge", type=float, default=1e-3)
+
+    demo = sub.add_parser("demo", help="the end-to-end demo (sglang_depthkv.demo)", add_help=False)
+    demo.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _load_text(args) -> tuple[str, str]:
+    if args.text is not None and args.novel is not None:
+        raise ValueError("give either --text or --novel, not both")
+    if args.text is not None:
+        path = Path(args.text)
+        if not path.is_file():
+            raise ValueError(f"--text {path}: no such file")
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"--text {path} is not UTF-8: {exc}") from exc
+    from .core.haystack import haystack_text
+
+    name = args.novel or DEFAULT_NOVEL
+    return haystack_text([name]), f"novel:{name}"
+
+
+def _tokens(args, model, text: str):
+    import torch
+
+    if args.tokenizer == "bytes":
+        if model.config.vocab_size < 256:
+            raise ValueError(f"--tokenizer bytes needs a vocabulary of >= 256 ids, the model has {model.config.vocab_size}")
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.int64)
+    from .core.reference import load_tokenizer
+
+    tok = load_tokenizer(args.model, args.gguf_file)
+    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+
+
+def _repeat_ids(args, model):
+    import torch
+
+    from .core.gates import DEFAULT_REPEAT_PROMPT
+
+    if args.tokenizer == "bytes":
+        return torch.tensor(list(DEFAULT_REPEAT_PROMPT.encode("utf-8")), dtype=torch.int64)
+    from .core.reference import load_tokenizer
+
+    tok = load_tokenizer(args.model, args.gguf_file)
+    return torch.tensor(tok(DEFAULT_REPEAT_PROMPT, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+
+
+def _positive(args, *names):
+    for n in names:
+        v = getattr(args, n)
+        if v < 1:
+            raise ValueError(f"--{n.replace('_', '-')} must be >= 1, got {v}")
+
+
+def cmd_calibrate(args) -> int:
+    from .core.calibrate import calibrate, check_fractions, write_profile
+    from .core.reference import ReferenceModel, load_hf_model
+
+    check_fractions(args.keep_fractions)
+    _positive(args, "context_tokens", "continuation_tokens", "samples", "window")
+    if args.sinks < 0:
+        raise ValueError(f"--sinks must be >= 0, got {args.sinks}")
+    text, source = _load_text(args)
+    model = load_hf_model(args.model, args.gguf_file)
+    ref = ReferenceModel(model, name=Path(args.model).name if args.gguf_file is None else args.gguf_file)
+    tokens = _tokens(args, model, text)
+    result = calibrate(ref, tokens, keep_fractions=args.keep_fractions, context_tokens=args.context_tokens,
+                       continuation_tokens=args.continuation_tokens, samples=args.samples, scorer=args.scorer,
+                       window=args.window, sinks=args.sinks, progress=True)
+    result.settings["text"] = source
+    result.settings["tokenizer"] = args.tokenizer
+    path = write_profile(result, ref.identity, args.scorer, args.out)
+    print(f"wrote {path}: {ref.num_layers} layers x {len(result.keep_fractions)} keep fractions")
+    return 0
+
+
+def cmd_train_gates(args) -> int:
+    from tqdm import tqdm
+
+    from .core.gates import train_gates
+    from .core.reference import ReferenceModel, load_hf_model
+
+    _positive(args, "context_tokens", "samples")
+    if not args.ridge > 0:
+        raise ValueError(f"--ridge must be > 0, got {args.ridge}")
+    text, source = _load_text(args)
+    model = load_hf_model(args.model, args.gguf_file)
+    ref = ReferenceModel(model, name=Path(args.model).name if args.gguf_file is None else args.gguf_file)
+    tokens = _tokens(args, model, text)
+    c = args.context_tokens
+    if tokens.numel() < c * args.samples:
+        raise ValueError(f"training text has {tokens.numel()} tokens, need {c * args.samples} "
+                         f"(--samples {args.samples} x --context-tokens {c})")
+    contexts = [tokens[i * c : (i + 1) * c] for i in range(args.samples)]
+    gates = train_gates(ref, contexts, _repeat_ids(args, model), use_hidden=not args.no_hidden, ridge=args.ridge,
+                        progress=lambda xs: tqdm(xs, desc="train-gates (contexts)"))
+    gates.training.update(text=source, tokenizer=args.tokenizer)
+    path = gates.save(args.out)
+    print(f"wrote {path}: gates for {ref.num_layers} layers x {ref.identity.num_key_value_heads} kv heads, "
+          f"{gates.spec.dim} features")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "calibrate":
+            return cmd_calibrate(args)
+        if args.command == "train-gates":
+            return cmd_train_gates(args)
+    except ValueError as exc:
+        parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
+    parser.error(f"unknown command {args.command}")
+    return 2
