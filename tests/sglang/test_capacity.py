@@ -107,3 +107,15 @@ def test_bad_fractions_refused(bad):
 def test_budget_too_small_for_one_token():
     with pytest.raises(ValueError, match="mem-fraction-static"):
         plan_for_bytes(100, [0.5], headroom=10, bytes_per_slot=64)
+
+
+def test_hooks_pass_through_without_policy(kvc):
+    """With the plugin loaded and no --kv-policy, SGLang's own configurator and sizes come back."""
+    from sglang.srt.model_executor import pool_configurator as pc
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+    assert getattr(kvc.server_args, "_depthkv_settings", None) is None
+    conf = pc.create_memory_pool_configurator(kvc)  # the hooked factory
+    assert type(conf) is pc.DefaultPoolConfigurator
+    assert conf.calculate_pool_sizes(BUDGET, 1).max_total_num_tokens == 409600
