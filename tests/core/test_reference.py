@@ -255,3 +255,99 @@ def test_load_saved_tiny_model(tmp_path):
         ids = _ids(12)
         with torch.no_grad():
             assert torch.equal(loaded(ids[None]).logits, orig(ids[None]).logits)
+
+
+class FixedDropPolicy:
+    """A deterministic test policy: drops segment tokens 1 + (layer % 2) and 3 of every segment
+    (never the last `window`), and checks the observations it is given."""
+
+    def __init__(self, window, interval):
+        self.window, self.interval, self.seen = window, interval, []
+
+    def select(self, observations):
+        out = []
+        for o in observations:
+            assert o.num_tokens == self.interval + self.window and o.window == self.window
+            assert o.hidden_states.shape[0] == o.num_tokens and o.o_proj_weight is not None
+            drop = {1 + (o.layer % 2), 3}
+            out.append(torch.tensor([i for i in range(o.num_tokens) if i not in drop]))
+        self.seen.append(observations)
+        return out
+
+
+def masked_forward64_events(model, full_ids, n, keep, events):
+    """Like masked_forward64, plus decode-time drops: a token dropped at event G_e is hidden from
+    queries at positions >= n + G_e."""
+    m = copy.deepcopy(model).double()
+    m.config._attn_implementation = "eager"
+    T = full_ids.shape[0]
+    hooks = []
+    for l, layer in enumerate(m.model.layers):
+        allowed = torch.tril(torch.ones(T, T, dtype=torch.bool))
+        pruned = torch.ones(n, dtype=torch.bool)
+        pruned[keep[l]] = False
+        allowed[n:, :n] &= ~pruned[None, :]
+        for g_e, dropped in events:
+            for j in dropped[l].tolist():
+                allowed[n + g_e :, j] = False
+        mask = torch.zeros(T, T, dtype=torch.float64).masked_fill(~allowed, float("-inf"))[None, None]
+
+        def pre(_mod, args, kwargs, mask=mask):
+            kwargs = dict(kwargs)
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        hooks.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            out = m(input_ids=full_ids[None], use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out.logits[0]
+
+
+@pytest.mark.parametrize("with_extension", [False, True])
+def test_decode_time_pruning_matches_masked_forward(with_extension):
+    model = tiny_models.make_tiny_model("qwen2", seed=4)
+    rm = ReferenceModel(model)
+    ids = _ids(N, seed=8)
+    ext = _ids(5, seed=9) if with_extension else None
+    pf = rm.prefill(ids, window=8)
+    keep = _hand_keep(rm.num_layers, N)
+    policy = FixedDropPolicy(window=3, interval=4)
+    res = rm.decode(pf, keep, 20, extend_ids=ext, policy=policy, decode_interval=4)
+    fed = (5 if with_extension else 0) + 19
+    # events whenever fed - settled >= 7, settled += 4
+    expected_events = []
+    g, p = 0, 0
+    steps_fed = ([5] if with_extension else []) + [1] * 19
+    for s in steps_fed:
+        g += s
+        while g - p >= 7:
+            expected_events.append(g)
+            p += 4
+    assert [e[0] for e in res.events] == expected_events and len(expected_events) >= 4
+    for e_idx, (_, dropped) in enumerate(res.events):
+        for l in range(rm.num_layers):
+            seg0 = N + 4 * e_idx
+            assert dropped[l].tolist() == sorted({seg0 + 1 + (l % 2), seg0 + 3})
+    for l in range(rm.num_layers):
+        assert res.cache_lengths[l] == keep[l].numel() + fed - 2 * len(res.events)
+    parts = [ids] + ([ext] if with_extension else []) + [res.tokens[:-1]]
+    full = torch.cat(parts)
+    first = N + (5 if with_extension else 0) - 1
+    ref = masked_forward64_events(model, full, N, keep, res.events)[first:]
+    assert (ref - res.logits.double()).abs().max().item() <= 1e-4
+    plain = rm.decode(pf, keep, 20, extend_ids=ext)
+    assert (plain.logits - res.logits).abs().max().item() > 1e-4  # the drops had an effect
+
+
+def test_decode_pruning_bad_arguments():
+    model = tiny_models.make_tiny_model("llama", seed=0)
+    rm = ReferenceModel(model)
+    pf = rm.prefill(_ids(20), window=4)
+    with pytest.raises(ValueError, match="policy"):
+        rm.decode(pf, None, 3, decode_interval=4)
+    with pytest.raises(ValueError, match="decode_interval"):
+        rm.decode(pf, None, 3, policy=FixedDropPolicy(3, 4), decode_interval=0)

@@ -50,6 +50,8 @@ class DecodeResult:
     tokens: torch.Tensor  # [steps] int64
     logits: torch.Tensor  # [steps, vocab] float32
     cache_lengths: list  # per layer, number of cached tokens at the end
+    cache_positions: list = None  # per layer, original positions of the cached tokens at the end
+    events: list = None  # decode-time pruning: (fed tokens after the prompt, [dropped positions per layer])
 
 
 def _check_ids(ids, what: str) -> torch.Tensor:
@@ -148,43 +150,67 @@ class ReferenceModel:
 
     # ------------------------------------------------------------------ extension / decode
     @torch.no_grad()
-    def extend(self, cache: PrunedCache, ids) -> torch.Tensor:
+    def extend(self, cache: PrunedCache, ids, pruner=None) -> torch.Tensor:
         """Feed ``ids`` over ``cache`` (in place) at positions ``cache.next_position ..``; returns
-        logits ``[len(ids), vocab]``. Right-aligned causal inside the call."""
+        logits ``[len(ids), vocab]``. Right-aligned causal inside the call. With a
+        :class:`DecodePruner`, the fed tokens' queries/hidden states are recorded and decode-time
+        pruning runs after the call."""
         ids = _check_ids(ids, "ids")
         if len(cache.keys) != self.num_layers:
             raise ValueError(f"cache has {len(cache.keys)} layers, the model has {self.num_layers}")
-        state = AttentionState(self.num_layers, keys=list(cache.keys), values=list(cache.values))
+        m = int(ids.shape[0])
+        state = AttentionState(self.num_layers, keys=list(cache.keys), values=list(cache.values),
+                               window=m if pruner is not None else 0)
+        hidden: list = [None] * self.num_layers
+        hooks = []
+        if pruner is not None:
+            for i, layer in enumerate(decoder_layers(self.model)):
+                def hook(_mod, _inp, out, i=i):
+                    hidden[i] = out[0].detach().clone()
+                hooks.append(layer.input_layernorm.register_forward_hook(hook))
         start = cache.next_position
-        logits = self._forward(state, ids, start)
-        new_pos = torch.arange(start, start + ids.shape[0], dtype=torch.int64)
+        try:
+            logits = self._forward(state, ids, start)
+        finally:
+            for h in hooks:
+                h.remove()
+        new_pos = torch.arange(start, start + m, dtype=torch.int64)
         cache.keys, cache.values = list(state.keys), list(state.values)
         cache.positions = [torch.cat([p, new_pos]) for p in cache.positions]
-        cache.next_position = start + int(ids.shape[0])
+        cache.next_position = start + m
+        if pruner is not None:
+            pruner.after_feed(cache, state.window_queries, hidden, state.scalings)
         return logits
 
     @torch.no_grad()
     def decode(self, prefill: FullPrefill, keep: Optional[Sequence[torch.Tensor]], steps: int,
-               extend_ids=None) -> DecodeResult:
-        """Greedy decode of ``steps`` tokens over the prefill pruned to ``keep`` (None: keep all)."""
+               extend_ids=None, policy=None, decode_interval: int = 0) -> DecodeResult:
+        """Greedy decode of ``steps`` tokens over the prefill pruned to ``keep`` (None: keep all).
+        ``decode_interval > 0`` with a ``policy`` also prunes decoded tokens (see ``decode_pruning``)."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if prefill.num_layers != self.num_layers:
             raise ValueError(f"prefill has {prefill.num_layers} layers, the model has {self.num_layers}")
+        pruner = None
+        if decode_interval or policy is not None:
+            from .decode_pruning import DecodePruner
+
+            pruner = DecodePruner(policy, decode_interval, self.num_layers, self._o_proj)
         cache = PrunedCache.from_prefill(prefill, keep)
         last = prefill.logits
         if extend_ids is not None:
-            last = self.extend(cache, extend_ids)[-1]
+            last = self.extend(cache, extend_ids, pruner)[-1]
         tokens, logits = [], [last]
         tok = int(torch.argmax(last))
         tokens.append(tok)
         for _ in range(steps - 1):
-            last = self.extend(cache, torch.tensor([tok]))[-1]
+            last = self.extend(cache, torch.tensor([tok]), pruner)[-1]
             logits.append(last)
             tok = int(torch.argmax(last))
             tokens.append(tok)
         return DecodeResult(tokens=torch.tensor(tokens, dtype=torch.int64), logits=torch.stack(logits),
-                            cache_lengths=cache.lengths())
+                            cache_lengths=cache.lengths(), cache_positions=[p.clone() for p in cache.positions],
+                            events=list(pruner.events) if pruner is not None else [])
 
     def select(self, prefill: FullPrefill, policy) -> list[torch.Tensor]:
         """The policy's per-layer keep sets for this prefill (validated)."""
@@ -193,6 +219,9 @@ class ReferenceModel:
         keep = policy.select(prefill.observations)
         return validate_keep(keep, self.num_layers, prefill.length)
 
-    def run_policy(self, prefill: FullPrefill, policy, steps: int, extend_ids=None) -> DecodeResult:
-        """``decode(prefill, policy.select(prefill.observations), steps)``."""
-        return self.decode(prefill, self.select(prefill, policy), steps, extend_ids=extend_ids)
+    def run_policy(self, prefill: FullPrefill, policy, steps: int, extend_ids=None,
+                   decode_interval: int = 0) -> DecodeResult:
+        """``decode(prefill, policy.select(prefill.observations), steps)``; with ``decode_interval``
+        the same policy also prunes decoded tokens."""
+        return self.decode(prefill, self.select(prefill, policy), steps, extend_ids=extend_ids,
+                           policy=policy if decode_interval else None, decode_interval=decode_interval)
