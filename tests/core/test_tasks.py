@@ -116,3 +116,90 @@ def test_bad_input(tok, hay):
         _make(tok, hay, "passkey", 100)
     with pytest.raises(ValueError, match="too short"):
         make_sample("passkey", 4096, 0, tokenizer=tok, haystack=hay[:1000], chat=lambda u: chat_prompt(tok, u))
+
+
+# ----------------------------------------------------------------------------- report formatter
+def _doc():
+    def run(p, b, score, kept):
+        return {"policy": p, "budget": b, "output": "x", "score": score, "kept": kept}
+
+    s1 = {"task": "passkey", "target_tokens": 2048, "index": 0, "n_tokens": 10, "runs": [
+        run("full", 1.0, 1.0, [10, 10]), run("snapkv", 0.1, 0.0, [1, 1]), run("snapkv", 0.3, 1.0, [3, 3]),
+        run("depthkv", 0.1, 1.0, [0, 2]), run("depthkv", 0.3, 1.0, [2, 4])]}
+    s2 = {"task": "multivalue", "target_tokens": 4096, "index": 0, "n_tokens": 20, "runs": [
+        run("full", 1.0, 0.5, [20, 20]), run("snapkv", 0.1, 0.25, [2, 2]), run("snapkv", 0.3, 0.75, [6, 6]),
+        run("depthkv", 0.1, 0.0, [2, 2]), run("depthkv", 0.3, 0.5, [4, 8])]}
+    return {"format": "sglang-depthkv-accuracy", "version": 1, "command": "python -m benchmarks.accuracy.sweep X",
+            "config": {"tasks": ["passkey", "multivalue"], "lengths": [2048, 4096], "counts": [1, 1], "seed": 0,
+                       "sinks": 4, "window": 32, "haystack": ["emma"]},
+            "samples": [s1, s2], "wall_s": 90.0, "complete": True}
+
+
+def test_report_aggregate_and_markdown(tmp_path):
+    from benchmarks.accuracy import report
+
+    doc = _doc()
+    overall = report.aggregate(doc)[None]
+    assert overall[("full", 1.0)] == (0.75, 2)
+    assert overall[("snapkv", 0.1)] == (0.125, 2)
+    assert overall[("depthkv", 0.3)] == (0.75, 2)
+    by_len = report.aggregate(doc, "length")
+    assert by_len[4096][("depthkv", 0.1)] == (0.0, 1)
+    assert report.aggregate(doc, "task")["passkey"][("snapkv", 0.3)] == (1.0, 1)
+    with pytest.raises(ValueError, match="by must be"):
+        report.aggregate(doc, "policy")
+    assert report.budgets_of(doc) == [0.1, 0.3]
+    table = report.markdown_table(overall, [0.1, 0.3])
+    lines = table.splitlines()
+    assert lines[0] == "| policy | 10% | 30% |"
+    assert lines[2] == "| full cache | 0.750 | 0.750 |"
+    assert lines[3] == "| uniform SnapKV | 0.125 | 0.875 |"
+    assert lines[4] == "| DepthKV + SnapKV | 0.500 | 0.750 |"
+    assert report.depthkv_vs_uniform(overall, [0.1, 0.3]) == [
+        "budget 10%: DepthKV 0.500 beats uniform SnapKV 0.125",
+        "budget 30%: DepthKV 0.750 loses to uniform SnapKV 0.875"]
+    fr = report.layer_fractions(doc, 0.3)
+    assert fr["depthkv"] == pytest.approx([(0.2 + 0.2) / 2, (0.4 + 0.4) / 2])
+    assert fr["snapkv"] == pytest.approx([0.3, 0.3])
+    md = report.write_markdown(doc, tmp_path / "a.md")
+    assert "Command: `python -m benchmarks.accuracy.sweep X`" in md and "Wall time: 90 s" in md
+    assert "## By target length: 4096 (1 samples)" in md
+    report.plot_accuracy(doc, tmp_path / "a.png")
+    report.plot_layer_budgets(doc, tmp_path / "l.png", 0.3)
+    for f in ("a.png", "l.png"):
+        assert (tmp_path / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no runs at budget"):
+        report.plot_layer_budgets(doc, tmp_path / "m.png", 0.5)
+
+
+def test_report_load_rejects_bad_files(tmp_path):
+    import json
+
+    from benchmarks.accuracy import report
+
+    with pytest.raises(ValueError, match="does not exist"):
+        report.load(tmp_path / "none.json")
+    p = tmp_path / "x.json"
+    p.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not an accuracy sweep result"):
+        report.load(p)
+    p.write_text(json.dumps({"format": "sglang-depthkv-accuracy", "samples": []}))
+    with pytest.raises(ValueError, match="no samples"):
+        report.load(p)
+
+
+def test_sweep_arguments_are_checked(tmp_path):
+    from benchmarks.accuracy.sweep import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--tasks", "qa"])
+    with pytest.raises(SystemExit):
+        parse_args(["--lengths", "2048,4096", "--counts", "1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--lengths", "9000", "--counts", "1", "--policies", "snapkv"])
+    with pytest.raises(SystemExit):
+        parse_args(["--policies", "depthkv", "--profile", str(tmp_path / "none.json")])
+    with pytest.raises(SystemExit):
+        parse_args(["--policies", "snapkv", "--budgets", "0,0.5"])
+    a = parse_args(["--policies", "snapkv,streamingllm", "--budgets", "0.1,0.5", "--lengths", "512", "--counts", "2"])
+    assert a.policies == ["snapkv", "streamingllm"] and a.budgets == [0.1, 0.5] and a.counts == [2]

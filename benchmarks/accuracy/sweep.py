@@ -1,0 +1,177 @@
+"""Accuracy sweep: RULER-style tasks on SmolLM2-135M-Instruct (real weights, CPU, float32).
+
+One prefill per sample is shared by every (policy, budget): the full-cache prefill
+(:func:`sglang_depthkv.core.sdpa_prefill.sdpa_prefill`, same FullPrefill as the reference path)
+gives every layer's observations; each policy selects per-layer keep sets from them
+(``make_policy(name, budget, profile=, gates=)``), and the answer is decoded greedily over the
+pruned cache with the reference path (``PrunedCache`` + ``ReferenceModel.extend``, positions
+continuing at the original length). Decoding stops at ``<|im_end|>``, at a blank line, or at the
+task's ``max_new_tokens``. The first answer token comes from the prefill's logits for every policy.
+
+Results are rewritten to ``--out`` after every sample, so a cut-off run keeps what it measured.
+
+    python -m benchmarks.accuracy.sweep --profile benchmarks/results/smollm2_profile.json \
+        --gates benchmarks/results/smollm2_gates.safetensors --out benchmarks/results/accuracy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+POLICIES = ("snapkv", "pyramid", "depthkv", "laprox", "kvzip", "streamingllm")
+BUDGETS = (0.1, 0.2, 0.3, 0.5)
+LABELS = {
+    "full": "full cache", "snapkv": "uniform SnapKV", "pyramid": "pyramid (SnapKV)",
+    "depthkv": "DepthKV + SnapKV", "laprox": "LaProx global", "kvzip": "KVzip gates",
+    "streamingllm": "StreamingLLM",
+}
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="passkey,multikey,multivalue,vartrack")
+    p.add_argument("--lengths", default="2048,4096,8000", help="target prompt lengths in tokens")
+    p.add_argument("--counts", default="3,2,1", help="samples per task at each length")
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    p.add_argument("--profile", type=Path, help="DepthKV profile JSON (needed for depthkv)")
+    p.add_argument("--gates", type=Path, help="KVzip gate file (needed for kvzip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--window", type=int, default=32)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.json"))
+    a = p.parse_args(argv)
+    from .tasks import TASKS
+
+    a.tasks = [t for t in a.tasks.split(",") if t]
+    bad = [t for t in a.tasks if t not in TASKS]
+    if bad:
+        p.error(f"--tasks: unknown {bad}; available {list(TASKS)}")
+    a.lengths, a.counts = _ints(a.lengths), _ints(a.counts)
+    if len(a.lengths) != len(a.counts):
+        p.error(f"--lengths has {len(a.lengths)} entries, --counts {len(a.counts)}")
+    if any(n < 256 or n > 8100 for n in a.lengths):
+        p.error("--lengths must lie in [256, 8100] (SmolLM2's context is 8192 incl. the answer)")
+    a.policies = [x for x in a.policies.split(",") if x]
+    bad = [x for x in a.policies if x not in POLICIES]
+    if bad:
+        p.error(f"--policies: unknown {bad}; available {list(POLICIES)}")
+    a.budgets = _floats(a.budgets)
+    if any(not 0 < b <= 1 for b in a.budgets):
+        p.error("--budgets must lie in (0, 1]")
+    if "depthkv" in a.policies and (a.profile is None or not a.profile.is_file()):
+        p.error(f"depthkv needs --profile (a calibrated profile file), got {a.profile}")
+    if "kvzip" in a.policies and (a.gates is None or not a.gates.is_file()):
+        p.error(f"kvzip needs --gates (a trained gate file), got {a.gates}")
+    return a
+
+
+def greedy_decode(ref, prefill, keep, max_new_tokens: int, stop_ids: set, tokenizer):
+    """Greedy tokens over ``prefill`` pruned to ``keep`` (None = full); stops at a stop id or a
+    blank line. Returns (token list, per-layer cached lengths after pruning)."""
+    from sglang_depthkv.core.reference import PrunedCache
+
+    cache = PrunedCache.from_prefill(prefill, keep)
+    kept = cache.lengths()
+    tok = int(torch.argmax(prefill.logits))
+    out = [tok]
+    while len(out) < max_new_tokens and tok not in stop_ids and "\n\n" not in tokenizer.decode(out):
+        tok = int(torch.argmax(ref.extend(cache, torch.tensor([tok]))[-1]))
+        out.append(tok)
+    return out, kept
+
+
+def _write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    from sglang_depthkv.core.haystack import HAYSTACK_NOVELS, haystack_text
+    from sglang_depthkv.core.policy import make_policy
+    from sglang_depthkv.core.reference import ReferenceModel
+    from sglang_depthkv.core.sdpa_prefill import sdpa_prefill
+    from sglang_depthkv.core.smollm2 import GGUF_NAME, GGUF_SHA256, MODEL_NAME, chat_prompt, load_smollm2
+
+    from .tasks import make_samples, score
+
+    torch.manual_seed(args.seed)
+    model, tok = load_smollm2()
+    ref = ReferenceModel(model, name=MODEL_NAME)
+    profile = gates = None
+    if "depthkv" in args.policies:
+        from sglang_depthkv.core.profile import load_profile
+
+        profile = load_profile(args.profile, expected=ref.identity)
+    if "kvzip" in args.policies:
+        from sglang_depthkv.core.gates import load_gates
+
+        gates = load_gates(args.gates, expected=ref.identity)
+    policies = {(name, b): make_policy(name, b, profile=profile, gates=gates, sinks=args.sinks, window=args.window)
+                for name in args.policies for b in args.budgets}
+    stop_ids = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+    samples = make_samples(args.tasks, dict(zip(args.lengths, args.counts)), tokenizer=tok,
+                           haystack=haystack_text(HAYSTACK_NOVELS), chat=lambda u: chat_prompt(tok, u), seed=args.seed)
+    doc = {
+        "format": "sglang-depthkv-accuracy", "version": 1,
+        "command": "python -m benchmarks.accuracy.sweep " + " ".join(sys.argv[1:] if argv is None else argv),
+        "model": {"name": MODEL_NAME, "gguf": GGUF_NAME, "sha256": GGUF_SHA256, "dtype": "float32",
+                  "num_layers": ref.num_layers},
+        "config": {"tasks": args.tasks, "lengths": args.lengths, "counts": args.counts, "policies": args.policies,
+                   "budgets": args.budgets, "seed": args.seed, "sinks": args.sinks, "window": args.window,
+                   "profile": str(args.profile) if args.profile else None,
+                   "gates": str(args.gates) if args.gates else None, "haystack": list(HAYSTACK_NOVELS),
+                   "torch_threads": torch.get_num_threads()},
+        "samples": [], "wall_s": None, "complete": False,
+    }
+    for si, s in enumerate(samples):
+        ids = tok(s.prompt, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        t0 = time.time()
+        pf = sdpa_prefill(ref, ids, window=args.window)
+        rec = s.to_dict() | {"n_tokens": int(ids.shape[0]), "prefill_s": round(time.time() - t0, 2), "runs": []}
+        runs = [("full", 1.0, None)] + [(name, b, policies[(name, b)]) for name in args.policies for b in args.budgets]
+        for name, b, pol in runs:
+            t1 = time.time()
+            keep = None if pol is None else ref.select(pf, pol)
+            t2 = time.time()
+            out, kept = greedy_decode(ref, pf, keep, s.max_new_tokens, stop_ids, tok)
+            text = tok.decode(out, skip_special_tokens=True)
+            rec["runs"].append({"policy": name, "budget": b, "output": text, "score": score(s, text),
+                                "kept": kept, "select_s": round(t2 - t1, 3), "decode_s": round(time.time() - t2, 3)})
+        del pf
+        doc["samples"].append(rec)
+        doc["wall_s"] = round(time.time() - t_start, 1)
+        _write(args.out, doc)
+        full = rec["runs"][0]
+        print(f"[{si + 1}/{len(samples)}] {s.task} {rec['n_tokens']} tok: prefill {rec['prefill_s']}s, "
+              f"full={full['score']:.2f} {full['output']!r}, "
+              f"mean pruned={sum(r['score'] for r in rec['runs'][1:]) / max(1, len(rec['runs']) - 1):.2f}, "
+              f"elapsed {doc['wall_s']}s", flush=True)
+    doc["complete"] = True
+    doc["wall_s"] = round(time.time() - t_start, 1)
+    _write(args.out, doc)
+    print(f"done: {len(samples)} samples in {doc['wall_s']}s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
