@@ -1,0 +1,26 @@
+"""The scorer interface (kvpress-style: one class, one ``score`` method).
+
+A scorer turns one layer's ``LayerObservation`` into per-kv-head keep scores ``[kv_heads, n]``
+(float32, higher = keep). How scores become kept positions (sum over heads, sinks/window
+protection, top-k with the shared tie rule) is ``core/selection.py``'s job, not the scorer's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from ..types import LayerObservation
+
+
+class Scorer(ABC):
+    name: str = ""
+    query_agnostic: bool = False  # True: scores do not depend on the window queries
+
+    @abstractmethod
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        """Per-kv-head keep scores ``[kv_heads, n]``, float32, higher = keep."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
