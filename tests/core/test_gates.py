@@ -158,3 +158,30 @@ def test_bad_training_inputs():
         G.fit_gates(ident, spec, [x, x], [torch.rand(1, 10)] * 2)
     with pytest.raises(ValueError, match="at least one feature"):
         G.FeatureSpec(False, False, 4, 8).check()
+
+
+def test_kvzip_scorer(llama):
+    from sglang_depthkv.core.scorers.base import Scorer
+    from sglang_depthkv.core.scorers.kvzip import KVzipGateScorer
+
+    rm = ReferenceModel(llama)
+    gates = G.train_gates(rm, [torch.tensor(list(_text_bytes()[:96]))], REPEAT)
+    scorer = KVzipGateScorer(gates)
+    assert isinstance(scorer, Scorer) and scorer.name == "kvzip" and scorer.query_agnostic is True
+    pf = rm.prefill(torch.tensor(list(_text_bytes()[200:260])), window=8)
+    for obs in pf.observations:
+        s = scorer.score(obs)
+        assert s.shape == (2, 60) and s.dtype == torch.float32
+        assert float(s.min()) >= 0.0 and float(s.max()) <= 1.0
+        # independent: sigmoid of the linear gate on [k/|k|, h/|h|]
+        k = obs.keys / obs.keys.norm(dim=-1, keepdim=True)
+        h = obs.hidden_states / obs.hidden_states.norm(dim=-1, keepdim=True)
+        for g in range(2):
+            x = torch.cat([k[g], h], dim=-1).double()
+            ref = torch.sigmoid(x @ gates.weight[obs.layer, g].double() + gates.bias[obs.layer, g].double())
+            assert torch.allclose(s[g].double(), ref, atol=1e-6)
+        other = LayerObservation(obs.layer, obs.keys, obs.values, torch.randn_like(obs.window_queries),
+                                 obs.scaling, obs.o_proj_weight, obs.hidden_states)
+        assert torch.equal(scorer.score(other), s)  # query-agnostic
+    with pytest.raises(ValueError, match="KVzipGates"):
+        KVzipGateScorer("gates.safetensors")
