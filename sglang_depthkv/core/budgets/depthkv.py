@@ -1,0 +1,100 @@
+"""DepthKV layer budgets: per-layer keep fractions from a sensitivity profile.
+
+Each layer ``l`` has a measured curve KL_l(f) at the profile's keep fractions ``f_1 < … < f_F``,
+plus the point ``(1, 0)`` (nothing pruned), linear between the points. We replace each curve by its
+lower convex hull (piecewise linear, slopes increasing) and solve
+
+    minimise  Σ_l KL_l(f_l)   subject to   mean_l f_l = b,   f_1 ≤ f_l ≤ 1
+
+exactly by greedy water-filling: every layer starts at ``f_1``; the remaining ``L·(b − f_1)``
+fraction is poured into the hull segment with the steepest descent (most negative slope) across
+all layers, segment by segment. Layers whose current segments have exactly the same slope advance
+together by equal amounts (so identical curves get identical fractions). With convex curves this
+greedy order is optimal, and every f_l is non-decreasing in ``b``. A layer whose curve is ``c``
+times another's (c > 1) has steeper slopes, so it keeps at least as much.
+
+Below the measured range (``b ≤ f_1``) the profile says nothing about the trade-off: every layer
+gets ``b`` (uniform). The result has mean ``b`` (up to float rounding; ``apportion`` makes the
+integer counts exact) and every fraction in (0, 1].
+"""
+
+from __future__ import annotations
+
+from .base import LayerBudgetAllocator, _check_int, check_budget
+
+
+def lower_convex_hull(points: list) -> list:
+    """Lower convex hull of points sorted by strictly increasing x (monotone chain)."""
+    hull: list = []
+    for p in points:
+        while len(hull) >= 2:
+            (ax, ay), (bx, by) = hull[-2], hull[-1]
+            cross = (bx - ax) * (p[1] - ay) - (by - ay) * (p[0] - ax)
+            if cross <= 0:  # hull[-1] lies on or above the chord hull[-2] -> p
+                hull.pop()
+            else:
+                break
+        hull.append((float(p[0]), float(p[1])))
+    return hull
+
+
+def hull_segments(points: list) -> list:
+    """``[(x0, x1, slope), ...]`` of the lower convex hull, slopes non-decreasing."""
+    h = lower_convex_hull(points)
+    return [(x0, x1, (y1 - y0) / (x1 - x0)) for (x0, y0), (x1, y1) in zip(h, h[1:])]
+
+
+def water_fill(curves: list, budget: float) -> list:
+    """Fractions minimising the summed hull KL with mean ``budget`` (see the module docstring)."""
+    L = len(curves)
+    start = curves[0][0][0]
+    if budget <= start:
+        return [budget] * L
+    segs = [hull_segments(c) for c in curves]
+    pos = [start] * L
+    idx = [0] * L
+    remaining = L * (budget - start)
+    while remaining > 0:
+        active = [l for l in range(L) if idx[l] < len(segs[l])]
+        if not active:
+            break
+        slope = min(segs[l][idx[l]][2] for l in active)
+        tied = [l for l in active if segs[l][idx[l]][2] == slope]
+        room = min(segs[l][idx[l]][1] - pos[l] for l in tied)
+        share = remaining / len(tied)
+        if share < room:
+            for l in tied:
+                pos[l] += share
+            remaining = 0.0
+        else:
+            for l in tied:
+                end = segs[l][idx[l]][1]
+                if end - pos[l] <= room:
+                    pos[l], idx[l] = end, idx[l] + 1
+                else:
+                    pos[l] += room
+            remaining -= room * len(tied)
+    return [min(1.0, p) for p in pos]
+
+
+class DepthKVAllocator(LayerBudgetAllocator):
+    name = "depthkv"
+    score_dependent = False
+
+    def __init__(self, profile):
+        from ..profile import SensitivityProfile
+
+        if not isinstance(profile, SensitivityProfile):
+            raise ValueError(f"DepthKVAllocator needs a SensitivityProfile (core.profile.load_profile), "
+                             f"got {type(profile).__name__}")
+        self.profile = profile
+        self._curves = [profile.curve(l) for l in range(profile.num_layers)]
+
+    def layer_fractions(self, num_layers: int, budget: float) -> list[float]:
+        L = _check_int("num_layers", num_layers, 1)
+        if L != self.profile.num_layers:
+            raise ValueError(f"DepthKVAllocator: the profile has {self.profile.num_layers} layers, asked for {L}")
+        return water_fill(self._curves, check_budget(budget))
+
+    def __repr__(self) -> str:
+        return f"DepthKVAllocator(profile for {self.profile.num_layers} layers, scorer {self.profile.scorer!r})"

@@ -1,0 +1,74 @@
+"""Global top-k layer budgets (LaProx / KVzip): one top-k over all (layer, token) pairs.
+
+``layer_scores`` ``[L, n]`` are the per-layer token scores after ``protect`` (+inf on sinks and
+window), so the scores must be comparable across layers (LaProx's output-contribution scores and
+KVzip's gate probabilities are). With ``lo = min_keep(n, sinks, window)``,
+``cap = max(lo, min(n, floor(max_fraction·n)))`` and ``T = total_keep(...)``:
+
+1. every layer first keeps its ``lo`` best tokens (the protected ones: sinks + window);
+2. the other ``T − L·lo`` slots go to the best remaining (layer, token) pairs over all layers,
+   each layer taking at most ``cap − lo`` more, ordered by score descending, then layer index
+   ascending, then position ascending (the shared tie rule extended across layers).
+
+Returns the counts ``k_l`` (Σ = T exactly); the policy then keeps ``select_top(layer_scores[l],
+k_l)`` in each layer, which is exactly the set chosen here. NaN scores → ValueError.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .base import LayerBudgetAllocator, _check_int, min_keep, total_keep
+
+
+class GlobalTopKAllocator(LayerBudgetAllocator):
+    name = "global_topk"
+    score_dependent = True
+
+    def __init__(self, max_fraction: float = 1.0):
+        f = float(max_fraction) if not isinstance(max_fraction, bool) else float("nan")
+        if not (0.0 < f <= 1.0):
+            raise ValueError(f"GlobalTopKAllocator: max_fraction must be in (0, 1], got {max_fraction!r}")
+        self.max_fraction = f
+
+    def allocate(self, n: int, num_layers: int, budget: float, sinks: int, window: int,
+                 layer_scores: Optional[torch.Tensor] = None) -> list[int]:
+        L = _check_int("num_layers", num_layers, 1)
+        n = _check_int("n", n)
+        if layer_scores is None:
+            raise ValueError("GlobalTopKAllocator needs layer_scores [num_layers, n] (protected token scores)")
+        if not isinstance(layer_scores, torch.Tensor) or tuple(layer_scores.shape) != (L, n):
+            shape = tuple(layer_scores.shape) if isinstance(layer_scores, torch.Tensor) else type(layer_scores).__name__
+            raise ValueError(f"GlobalTopKAllocator: layer_scores must be [{L}, {n}], got {shape}")
+        if not layer_scores.is_floating_point():
+            raise ValueError(f"GlobalTopKAllocator: layer_scores must be floating point, got {layer_scores.dtype}")
+        if torch.isnan(layer_scores).any():
+            raise ValueError("GlobalTopKAllocator: layer_scores contain NaN")
+        total = total_keep(n, L, budget, sinks, window)
+        lo = min_keep(n, sinks, window)
+        cap = max(lo, min(n, int(math.floor(self.max_fraction * n))))
+        if L * cap < total:
+            raise ValueError(f"GlobalTopKAllocator: max_fraction {self.max_fraction} caps {L} layers at {cap} tokens "
+                             f"each, fewer than the {total} slots budget {budget} keeps")
+        extra = total - L * lo
+        if extra == 0:
+            return [lo] * L
+        s = layer_scores.detach().to(torch.float32)
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices  # per layer, tie → lower position
+        cand_pos = order[:, lo:cap]  # [L, cap - lo]: candidates in rank order
+        cand_score = torch.gather(s, 1, cand_pos)
+        cand_layer = torch.arange(L).unsqueeze(1).expand_as(cand_pos)
+        score, layer, pos = cand_score.reshape(-1), cand_layer.reshape(-1), cand_pos.reshape(-1)
+        # lexicographic order (score desc, layer asc, position asc) by stable sorts, last key first
+        perm = torch.sort(pos, stable=True).indices
+        perm = perm[torch.sort(layer[perm], stable=True).indices]
+        perm = perm[torch.sort(score[perm], descending=True, stable=True).indices]
+        chosen = layer[perm[:extra]]
+        counts = torch.bincount(chosen, minlength=L) + lo
+        return [int(c) for c in counts]
+
+    def __repr__(self) -> str:
+        return f"GlobalTopKAllocator(max_fraction={self.max_fraction:g})"

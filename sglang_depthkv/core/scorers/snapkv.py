@@ -1,0 +1,48 @@
+"""SnapKV (Li et al. 2024) scores from the observation window.
+
+    a[h, t]      = mean over the w window queries of p[h, i, t]   (``window_attention``: causal
+                   softmax with ``scaling``, window query i at position n-w+i sees keys <= n-w+i)
+    s[g, t]      = sum over the query heads h of kv group g of a[h, t]
+    score[g, :]  = avg_pool1d(s[g, :], kernel=pool_kernel, stride=1, padding=pool_kernel//2,
+                              count_include_pad=False)
+
+float32 throughout. Differences from kvpress 0.5.5's ``SnapKVPress`` (see
+``tests/core/test_kvpress_crosscheck.py``): kvpress averages over the GQA group (we sum: a factor
+``q_heads/kv_heads``, the same ranking), uses the window queries' attention with a causal mask
+only inside the window (identical here), and drops the last ``window`` positions from its pooling
+before padding them with the maximum score (we pool over all n; the window is protected anyway).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..types import LayerObservation
+from .base import Scorer
+from .window_attention import check_query_observation, window_attention
+
+
+class SnapKVScorer(Scorer):
+    name = "snapkv"
+    query_agnostic = False
+
+    def __init__(self, pool_kernel: int = 5):
+        if isinstance(pool_kernel, bool) or int(pool_kernel) != pool_kernel or pool_kernel < 1 or pool_kernel % 2 == 0:
+            raise ValueError(f"SnapKVScorer: pool_kernel must be a positive odd integer, got {pool_kernel}")
+        self.pool_kernel = int(pool_kernel)
+
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        check_query_observation(obs, "SnapKVScorer")
+        probs = window_attention(obs)  # [qh, w, n]
+        per_head = probs.mean(dim=1)  # [qh, n]
+        kvh, n = obs.num_kv_heads, obs.num_tokens
+        per_kv = per_head.reshape(kvh, obs.num_q_heads // kvh, n).sum(dim=1)  # [kvh, n]
+        if self.pool_kernel == 1:
+            return per_kv.contiguous()
+        pooled = F.avg_pool1d(per_kv.unsqueeze(1), kernel_size=self.pool_kernel, stride=1,
+                              padding=self.pool_kernel // 2, count_include_pad=False)
+        return pooled.squeeze(1).contiguous()
+
+    def __repr__(self) -> str:
+        return f"SnapKVScorer(pool_kernel={self.pool_kernel})"
