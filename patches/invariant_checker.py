@@ -2,6 +2,8 @@
 
 from sglang_depthkv.sglang.config import settings_of
 
+_logged = False
+
 
 def check_all_pools_after(result, self, ps, uncached=0, **_kw):
     if settings_of(self.server_args) is None or uncached:
@@ -13,6 +15,13 @@ def check_all_pools_after(result, self, ps, uncached=0, **_kw):
     if not isinstance(alloc, DepthKVAllocator):
         return result
     problems = check(alloc, self.tree_cache)
+    global _logged
+    if not _logged:
+        _logged = True
+        import logging
+
+        logging.getLogger("sglang_depthkv").info("sglang-depthkv: per-layer idle invariants checked: %s",
+                                                 "ok" if not problems else "; ".join(problems))
     if not problems:
         return result
     has_leak, messages = result

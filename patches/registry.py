@@ -26,6 +26,9 @@ HOOKS = (
     ("sglang.srt.managers.scheduler_components.invariant_checker.SchedulerInvariantChecker._check_all_pools",
      "AFTER", "invariant_checker:check_all_pools_after"),
     ("sglang.srt.mem_cache.common.evict_from_tree_cache", "AROUND", "evict:evict_from_tree_cache_around"),
+    ("sglang.srt.managers.schedule_policy.PrefillAdder.__init__", "AFTER", "admission:prefill_adder_init_after"),
+    ("sglang.srt.managers.schedule_batch.ScheduleBatch.check_decode_mem", "AFTER",
+     "admission:check_decode_mem_after"),
 )
 
 HOOK_TARGETS = tuple(t for t, _, _ in HOOKS)

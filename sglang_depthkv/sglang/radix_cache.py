@@ -100,3 +100,16 @@ class DepthKVRadixCache(RadixCache):
             self.evict(EvictParams(num_tokens=short))
             if self.evictable_size() >= before:
                 return
+
+
+def layer_deficit(alloc: DepthKVAllocator, tree_cache) -> int:
+    """How many tokens fewer the worst layer can take than the logical space (0 if none):
+    ``(available + evictable) - min_l(layer_available_l + layer_evictable_l)``. Cheap when every layer
+    has at least the logical room free (no tree walk)."""
+    ev = tree_cache.evictable_size() if tree_cache is not None else 0
+    logical = alloc.available_size() + ev
+    if alloc.min_layer_available_size() >= logical:
+        return 0
+    layer_ev = tree_cache.layer_tree_sizes()[0] if hasattr(tree_cache, "layer_tree_sizes") else [0] * alloc.num_layers
+    worst = min(a + e for a, e in zip(alloc.layer_available_sizes(), layer_ev))
+    return max(0, logical - worst)

@@ -23,17 +23,19 @@ PROMPTS = [
     [(7 * i + 3) % 500 + 1 for i in range(41)],
 ]
 NEW = 12
+PRESSURE = [[(11 * i + 5 * j) % 500 + 1 for i in range(60)] for j in range(8)]
+PRESSURE_NEW = 40
 
 
-def hf_tokens(model_dir):
+def hf_tokens(model_dir, prompts=PROMPTS, new=NEW):
     from transformers import AutoModelForCausalLM
 
     m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():  # plain greedy argmax (generate(min_new_tokens=...) would mask EOS; SGLang ignores it)
-        for p in PROMPTS:
+        for p in prompts:
             ids = list(p)
-            for _ in range(NEW):
+            for _ in range(new):
                 logits = m(torch.tensor([ids])).logits[0, -1]
                 ids.append(int(torch.argmax(logits)))
             out.append(ids[len(p):])
@@ -59,6 +61,12 @@ def runs(tmp_path_factory):
     ]}
     for r in spec["runs"]:
         r.update(prompts=PROMPTS, max_new_tokens=NEW)
+    # per-layer pressure: budget 0.5 sizes every layer at 0.5*512 + 64 = 320 slots for 512 logical
+    # tokens, and nothing is pruned yet (issue 7): 8 x (60 + 40) tokens must be admitted per layer
+    spec["runs"].append({"name": "llama-snapkv-0.5-pressure", "model": llama, "prompts": PRESSURE,
+                         "max_new_tokens": PRESSURE_NEW,
+                         "engine_kwargs": {"kv_policy": "snapkv", "kv_budget": 0.5, "max_total_tokens": 512,
+                                           "chunked_prefill_size": 64, **info}})
     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, str(HERE / "engine_runs.py"), json.dumps(spec)], capture_output=True,
                           text=True, timeout=900, env=env)
@@ -67,7 +75,8 @@ def runs(tmp_path_factory):
     res = {r["name"]: r for r in json.loads(lines[-1][len("RESULT "):])}
     for name, r in res.items():
         assert "error" not in r, f"{name}: {r.get('error_type')}: {r.get('error')}\n{r.get('traceback', '')}"
-    return dict(res=res, log=proc.stderr, hf={"llama": hf_tokens(llama), "qwen3": hf_tokens(qwen3)})
+    return dict(res=res, log=proc.stderr, hf={"llama": hf_tokens(llama), "qwen3": hf_tokens(qwen3),
+                                              "pressure": hf_tokens(llama, PRESSURE, PRESSURE_NEW)})
 
 
 @pytest.mark.parametrize("name, model", [
@@ -100,7 +109,23 @@ def test_plugin_really_ran_and_vanilla_untouched(runs):
     # per run in order: the plugin runs log the capacity table and their classes, vanilla runs nothing
     assert log.count("sglang-depthkv capacity: policy=full budget=1") == 2
     assert log.count("sglang-depthkv capacity: policy=snapkv budget=1") == 1
-    assert log.count("sglang-depthkv: tree cache DepthKVRadixCache") == 2  # not with --disable-radix-cache
-    assert log.count("sglang-depthkv: attention backend DepthKVTorchNativeAttnBackend") == 3
-    assert log.count("sglang-depthkv: allocator DepthKVAllocator") == 3
+    assert log.count("sglang-depthkv capacity: policy=snapkv budget=0.5") == 1
+    assert log.count("sglang-depthkv: tree cache DepthKVRadixCache") == 3  # not with --disable-radix-cache
+    assert log.count("sglang-depthkv: attention backend DepthKVTorchNativeAttnBackend") == 4
+    assert log.count("sglang-depthkv: allocator DepthKVAllocator") == 4
     assert "Failed to apply hooks" not in log
+    # SGLang's idle check ran our per-layer invariants (its leak report would have stopped the run)
+    assert log.count("sglang-depthkv: per-layer idle invariants checked: ok") >= 3
+
+
+def test_per_layer_admission_under_pressure(runs):
+    """Layers hold 320 slots for 512 logical tokens: SGLang's logical admission alone would overrun a
+    layer (alloc fails -> 'out of memory'); with per-layer admission every request completes with
+    exactly the transformers tokens (nothing is pruned, so attention sees every token)."""
+    r, hf = runs["res"]["llama-snapkv-0.5-pressure"], runs["hf"]["pressure"]
+    import re
+
+    assert re.search(r"^\s+3\s+0\.5000\s+320\s", runs["log"], re.M)  # the capacity table row of layer 3
+    assert r["single"] == hf
+    assert r["batch"] == hf
+    assert r["max_total_num_tokens"] == 512
