@@ -125,19 +125,6 @@ class CalibrationResult:
     per_sample: list  # [L, F] per sample
     settings: dict
 
-    def profile_dict(self, identity, scorer: str) -> dict:
-        from dataclasses import asdict
-
-        return {
-            "format": "sglang-depthkv-profile",
-            "version": 1,
-            "model": asdict(identity),
-            "scorer": scorer,
-            "keep_fractions": list(self.keep_fractions),
-            "sensitivity": self.sensitivity.tolist(),
-            "metric": METRIC,
-            "calibration": self.settings,
-        }
 
 
 def calibrate(ref: ReferenceModel, tokens, *, keep_fractions=(0.1, 0.2, 0.3, 0.5), context_tokens: int = 1024,
@@ -168,22 +155,10 @@ def calibrate(ref: ReferenceModel, tokens, *, keep_fractions=(0.1, 0.2, 0.3, 0.5
 
 
 def write_profile(result: CalibrationResult, identity, scorer: str, path):
-    """Write the versioned profile JSON (contract format in docs/core-api.md) and read it back with
-    ``core.profile.load_profile`` so a file that the allocator would refuse is never left behind."""
-    import json
-    import os
-    from pathlib import Path
+    """Write the versioned profile with ``core.profile.save_profile`` (validated before writing)."""
+    from .profile import SensitivityProfile, save_profile
 
-    from .profile import load_profile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result.profile_dict(identity, scorer), indent=1))
-    try:
-        load_profile(tmp, identity)
-    except ValueError:
-        tmp.unlink()
-        raise
-    os.replace(tmp, path)
-    return path
+    profile = SensitivityProfile(model=identity, scorer=scorer, keep_fractions=list(result.keep_fractions),
+                                 sensitivity=result.sensitivity.tolist(), metric=METRIC,
+                                 calibration=dict(result.settings))
+    return save_profile(profile, path)
