@@ -185,3 +185,17 @@ def test_kvzip_scorer(llama):
         assert torch.equal(scorer.score(other), s)  # query-agnostic
     with pytest.raises(ValueError, match="KVzipGates"):
         KVzipGateScorer("gates.safetensors")
+
+
+def test_kvzip_policy_runs_on_reference_path(llama):
+    from sglang_depthkv.core.policy import make_policy
+
+    rm = ReferenceModel(llama)
+    text = _text_bytes()
+    gates = G.train_gates(rm, [torch.tensor(list(text[:96]))], REPEAT)
+    policy = make_policy("kvzip", 0.5, gates=gates, sinks=2, window=8)
+    pf = rm.prefill(torch.tensor(list(text[300:380])), window=8)
+    keep = rm.select(pf, policy)
+    assert sum(k.numel() for k in keep) == sum(policy.keep_counts(80, rm.num_layers, policy.layer_scores(pf.observations)))
+    res = rm.run_policy(pf, policy, 4)
+    assert res.tokens.shape == (4,) and torch.isfinite(res.logits).all()

@@ -351,3 +351,30 @@ def test_decode_pruning_bad_arguments():
         rm.decode(pf, None, 3, decode_interval=4)
     with pytest.raises(ValueError, match="decode_interval"):
         rm.decode(pf, None, 3, policy=FixedDropPolicy(3, 4), decode_interval=0)
+
+
+def test_run_policy_with_named_policies():
+    from sglang_depthkv.core.policy import make_policy
+
+    model = tiny_models.make_tiny_model("llama", seed=6)
+    rm = ReferenceModel(model)
+    ids = _ids(64, seed=10)
+    pf = rm.prefill(ids, window=8)
+    full = rm.run_policy(pf, make_policy("full", 1.0, sinks=2, window=8), 8)
+    ref = hf_greedy_logits(model, ids, full.tokens)
+    assert (ref - full.logits).abs().max().item() <= 1e-5
+    snap = make_policy("snapkv", 0.4, sinks=2, window=8)
+    res = rm.run_policy(pf, snap, 8)
+    counts = snap.keep_counts(64, rm.num_layers)
+    assert res.cache_lengths == [c + 7 for c in counts]
+    keep = rm.select(pf, snap)
+    ref = masked_forward64(model, torch.cat([ids, res.tokens[:-1]]), 64, keep)[63:]
+    assert (ref - res.logits.double()).abs().max().item() <= 1e-4
+    # the same policy also prunes decoded tokens: segments of 6 + 8 tokens
+    res_d = rm.run_policy(pf, snap, 30, decode_interval=6)
+    assert len(res_d.events) >= 2
+    full_ids = torch.cat([ids, res_d.tokens[:-1]])
+    ref = masked_forward64_events(model, full_ids, 64, keep, res_d.events)[63:]
+    assert (ref - res_d.logits.double()).abs().max().item() <= 1e-4
+    for _, dropped in res_d.events:
+        assert sum(d.numel() for d in dropped) > 0
