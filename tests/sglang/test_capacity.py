@@ -3,6 +3,8 @@
 ``DepthKVPoolConfigurator`` on the same object, with metadata counted."""
 
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +26,6 @@ def single_rank():
 
 @pytest.fixture(scope="module")
 def kvc(tmp_path_factory):
-    from pathlib import Path
-
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
     from sglang.srt.model_executor.model_runner_components.layer_setup import ModelLayerInfo

@@ -151,12 +151,56 @@ def test_cli_refuses_sliding_window_model(plugins, swa_model):
         cli(swa_model, "--kv-policy", "full")
 
 
-def test_cli_refuses_profile_of_another_model(plugins, llama, tmp_path):
-    pytest.importorskip("sglang_depthkv.core.profile", reason="core/profile.py not landed yet")
-    bad = tmp_path / "p.json"
-    bad.write_text("{not json")
+def make_profile(path, num_layers=4, **identity_overrides):
+    from sglang_depthkv.core.profile import SensitivityProfile, save_profile
+    from sglang_depthkv.core.types import ModelIdentity
+
+    ident = dict(num_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32, hidden_size=128,
+                 architecture="LlamaForCausalLM")
+    ident.update(identity_overrides)
+    sens = [[0.5 + l, 0.1 * (l + 1), 0.0] for l in range(ident["num_layers"])]
+    return save_profile(SensitivityProfile(ModelIdentity(**ident), "snapkv", [0.25, 0.5, 1.0], sens), path)
+
+
+def test_cli_depthkv_profile_accepted_and_sizes_layers(plugins, llama, tmp_path):
+    from transformers import AutoConfig
+
+    from sglang_depthkv.sglang.capacity import policy_layer_fractions
+
+    prof = make_profile(tmp_path / "p.json")
+    sa = cli(llama, "--kv-policy", "depthkv", "--kv-budget", "0.4", "--kv-profile", str(prof))
+    s = sa._depthkv_settings
+    fr = policy_layer_fractions(s, 4, AutoConfig.from_pretrained(llama))
+    assert abs(sum(fr) / 4 - 0.4) < 1e-9  # mean keep fraction == budget
+    assert fr[0] < fr[3]  # layer 3 is the most sensitive at low keep fractions here
+
+
+@pytest.mark.parametrize("case", ["other_model", "bad_json", "bad_version", "missing", "negative"])
+def test_cli_refuses_bad_profiles(plugins, llama, tmp_path, case):
+    p = tmp_path / "p.json"
+    if case == "other_model":
+        make_profile(p, num_layers=32)
+    elif case == "bad_json":
+        p.write_text("{not json")
+    elif case == "bad_version":
+        make_profile(p)
+        doc = json.loads(p.read_text())
+        doc["version"] = 99
+        p.write_text(json.dumps(doc))
+    elif case == "negative":
+        make_profile(p)
+        doc = json.loads(p.read_text())
+        doc["sensitivity"][1][0] = -1.0
+        p.write_text(json.dumps(doc))
     with pytest.raises(DepthKVConfigError, match="^--kv-profile:"):
-        cli(llama, "--kv-policy", "depthkv", "--kv-budget", "0.3", "--kv-profile", str(bad))
+        cli(llama, "--kv-policy", "depthkv", "--kv-budget", "0.3", "--kv-profile", str(p))
+
+
+def test_cli_refuses_bad_gate_file(plugins, llama, tmp_path):
+    g = tmp_path / "gates.bin"
+    g.write_bytes(b"not a gate file")
+    with pytest.raises(DepthKVConfigError, match="^--kv-gates:"):
+        cli(llama, "--kv-policy", "kvzip", "--kv-budget", "0.3", "--kv-gates", str(g))
 
 
 # --- Engine(...) keywords -------------------------------------------------------------------------
