@@ -6,11 +6,13 @@
     score[g, :]  = avg_pool1d(s[g, :], kernel=pool_kernel, stride=1, padding=pool_kernel//2,
                               count_include_pad=False)
 
-float32 throughout. Differences from kvpress 0.5.5's ``SnapKVPress`` (see
+float32 throughout. Differences from kvpress 0.5.5's ``SnapKVPress`` (checked in
 ``tests/core/test_kvpress_crosscheck.py``): kvpress averages over the GQA group (we sum: a factor
-``q_heads/kv_heads``, the same ranking), uses the window queries' attention with a causal mask
-only inside the window (identical here), and drops the last ``window`` positions from its pooling
-before padding them with the maximum score (we pool over all n; the window is protected anyway).
+``q_heads/kv_heads``, the same ranking); kvpress scores only the first ``n - w`` tokens, pools them
+with ``count_include_pad=True`` (edge positions divided by the full kernel) and gives the window's
+own tokens ``max + 1``; we pool over all ``n`` tokens with ``count_include_pad=False`` (the window
+is protected by ``selection.protect`` instead). The causal rule inside the window and the
+``head_dim ** -0.5`` scaling are the same, so interior positions agree exactly.
 """
 
 from __future__ import annotations
