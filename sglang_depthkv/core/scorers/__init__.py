@@ -2,5 +2,9 @@
 ``sglang_depthkv.core.scorers.kvzip`` explicitly (``make_policy("kvzip", ...)`` does it lazily)."""
 
 from .base import Scorer
+from .full import FullScorer
+from .laprox import LaProxScorer
+from .snapkv import SnapKVScorer
+from .streaming_llm import StreamingLLMScorer
 
-__all__ = ["Scorer"]
+__all__ = ["Scorer", "FullScorer", "StreamingLLMScorer", "SnapKVScorer", "LaProxScorer"]
