@@ -54,9 +54,18 @@ def test_llama31_8b_budget_03_holds_3x_vanilla(kvc):
 
     vanilla = DefaultPoolConfigurator(kvc).calculate_pool_sizes(BUDGET, 1).max_total_num_tokens
     assert vanilla == BUDGET // (8 * 128 * 2 * 32 * 2)  # 409600: kv_heads*(k+v dims)*layers*bf16
-    for policy in ("snapkv", "streamingllm", "laprox"):
-        conf = DepthKVPoolConfigurator(kvc, parse_settings({"kv_policy": policy, "kv_budget": 0.3,
-                                                            **({"kv_gates": None})}))
+    import tempfile
+
+    sys_path = str(Path(__file__).parent)
+    if sys_path not in sys.path:
+        sys.path.insert(0, sys_path)
+    from test_config import make_profile
+
+    prof = make_profile(Path(tempfile.mkdtemp()) / "p.json", num_layers=32, num_attention_heads=32,
+                        num_key_value_heads=8, head_dim=128, hidden_size=4096)
+    for policy in ("snapkv", "streamingllm", "laprox", "pyramid", "depthkv"):
+        extra = {"kv_profile": str(prof)} if policy == "depthkv" else {}
+        conf = DepthKVPoolConfigurator(kvc, parse_settings({"kv_policy": policy, "kv_budget": 0.3, **extra}))
         cfg = conf.calculate_pool_sizes(BUDGET, 1)
         plan = cfg.depthkv_plan
         assert plan.total_bytes() <= BUDGET  # KV + mapping + free lists inside the same bytes

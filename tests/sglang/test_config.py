@@ -229,3 +229,18 @@ def test_server_args_keywords_attach(plugins, llama):
     sa = ServerArgs(model_path=llama, device="cpu", skip_tokenizer_init=True, kv_policy="streamingllm",
                     kv_budget=0.5, kv_sinks=2)
     assert sa._depthkv_settings.sinks == 2 and sa.attention_backend == "torch_native"
+
+
+def test_missing_hook_is_a_hard_error(plugins, llama, monkeypatch):
+    """SGLang only logs a hook it failed to apply; the plugin's self-check refuses to run then."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from sglang_depthkv.patches.registry import HOOK_TARGETS, HookNotAppliedError
+
+    lost = "sglang.srt.mem_cache.registry.create_tree_cache"
+    assert lost in HOOK_TARGETS
+    monkeypatch.setattr(HookRegistry, "_patched", set(HookRegistry._patched) - {lost})
+    with pytest.raises(HookNotAppliedError, match="create_tree_cache"):
+        cli(llama, "--kv-policy", "full")
+    # vanilla (no --kv-policy) is not affected
+    assert getattr(cli(llama), "_depthkv_settings", None) is None
