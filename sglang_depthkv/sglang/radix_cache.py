@@ -73,20 +73,18 @@ class DepthKVRadixCache(RadixCache):
 
     # --- per-layer accounting -----------------------------------------------------------------------
     def layer_tree_sizes(self) -> Tuple[List[int], List[int]]:
-        """Per layer: (evictable, protected) slots held by tree nodes."""
+        """Per layer: (evictable, protected) slots held by tree nodes (one gather per kind)."""
         alloc = self.token_to_kv_pool_allocator
-        L = alloc.num_layers
-        ev, pr = [0] * L, [0] * L
+        free_vals, locked_vals = [], []
         stack = [self.root_node]
         while stack:
             node = stack.pop()
             stack.extend(node.children.values())
             if node is self.root_node or node.value is None or len(node.value) == 0:
                 continue
-            counts = alloc.held_counts(node.value)
-            tgt = pr if node.lock_ref > 0 else ev
-            for l in range(L):
-                tgt[l] += counts[l]
+            (locked_vals if node.lock_ref > 0 else free_vals).append(node.value)
+        ev = alloc.held_counts(torch.cat(free_vals)) if free_vals else [0] * alloc.num_layers
+        pr = alloc.held_counts(torch.cat(locked_vals)) if locked_vals else [0] * alloc.num_layers
         return ev, pr
 
     def evict_for_layers(self, num_tokens: int) -> None:
