@@ -244,3 +244,25 @@ def test_missing_hook_is_a_hard_error(plugins, llama, monkeypatch):
         cli(llama, "--kv-policy", "full")
     # vanilla (no --kv-policy) is not affected
     assert getattr(cli(llama), "_depthkv_settings", None) is None
+
+
+def _launch(*args):
+    import os
+    import subprocess
+
+    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "sglang.launch_server", *args], capture_output=True, text=True,
+                          timeout=240, env=env)
+
+
+def test_launch_server_help_and_refusal(llama):
+    """The real ``python -m sglang.launch_server`` entry: flags in --help; a bad flag stops it before
+    anything starts, naming the flag."""
+    h = _launch("--help")
+    assert h.returncode == 0
+    for flag in ("--kv-policy", "--kv-budget", "--kv-profile", "--kv-gates", "--kv-window", "--kv-sinks",
+                 "--kv-decode-interval"):
+        assert flag in h.stdout
+    bad = _launch("--model-path", llama, "--device", "cpu", "--kv-policy", "snapkv", "--kv-budget", "2")
+    assert bad.returncode != 0
+    assert "DepthKVConfigError: --kv-budget: must be in (0, 1], got 2.0" in bad.stderr
