@@ -18,7 +18,6 @@ Sensitivities are averaged over samples and written as a versioned profile
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -26,12 +25,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .reference import PrunedCache, ReferenceModel
+from .scorers.laprox import LaProxScorer
+from .scorers.snapkv import SnapKVScorer
+from .scorers.streaming_llm import StreamingLLMScorer
 
-SCORERS = {
-    "snapkv": ("sglang_depthkv.core.scorers.snapkv", "SnapKVScorer"),
-    "streamingllm": ("sglang_depthkv.core.scorers.streamingllm", "StreamingLLMScorer"),
-    "laprox": ("sglang_depthkv.core.scorers.laprox", "LaProxScorer"),
-}
+SCORERS = {"snapkv": SnapKVScorer, "streamingllm": StreamingLLMScorer, "laprox": LaProxScorer}
 METRIC = "kl_next_token"
 
 
@@ -39,8 +37,7 @@ def make_scorer(name: str):
     """A calibration scorer by name (query-dependent scorers that need no extra files)."""
     if name not in SCORERS:
         raise ValueError(f"--scorer {name!r} is not usable for calibration; choose one of {', '.join(SCORERS)}")
-    module, cls = SCORERS[name]
-    return getattr(importlib.import_module(module), cls)()
+    return SCORERS[name]()
 
 
 def keep_count(n: int, fraction: float, sinks: int, window: int) -> int:
