@@ -60,7 +60,9 @@ def held_mapping(batch: Batch, slots: List[int], gen, ascending=False, dtype=tor
         if ascending:
             # per request, slots ascend with the position (what compaction towards low slots needs)
             pick = pick.sort().values
-            order = torch.cat(batch.ids + [torch.tensor([i for i in all_ids.tolist() if i not in set(torch.cat(batch.ids).tolist())], dtype=torch.long)]) if batch.ids else all_ids
+            in_batch = set(torch.cat(batch.ids).tolist()) if batch.ids else set()
+            spare = torch.tensor([i for i in all_ids.tolist() if i not in in_batch], dtype=torch.long)
+            order = torch.cat(batch.ids + [spare])
             m[l, order] = pick.to(dtype)
         else:
             m[l, all_ids] = pick.to(dtype)

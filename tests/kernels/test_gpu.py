@@ -1,0 +1,123 @@
+"""The same kernels compiled for CUDA (skipped on CPU by tests/conftest.py), at sizes where races and
+multi-block paths would show, plus FlashInfer accepting the index streams (if flashinfer is installed)."""
+
+import pytest
+import torch
+
+from kv_scenarios import held_mapping, make_batch, random_keep, random_kv
+from sglang_depthkv.kernels import (LayerKVBuffers, build_kv_indices, compact_kv, prune_kv, value_output_norms,
+                                    window_scores)
+from sglang_depthkv.kernels.compaction_ref import compact_ref, prune_ref
+from sglang_depthkv.kernels.index_streams_ref import build_kv_indices_ref
+from sglang_depthkv.kernels.window_scores_ref import value_output_norms_ref, window_scores_ref
+
+pytestmark = pytest.mark.gpu
+CUDA = "cuda"
+H, D = 8, 128
+
+
+def _cuda(*ts):
+    return [t.to(CUDA) for t in ts]
+
+
+def test_gpu_prune_and_index_streams():
+    gen = torch.Generator().manual_seed(50)
+    batch = make_batch([3000, 0, 1500, 7], gen)
+    slots = [5000, 4700, 4600]
+    mapping = held_mapping(batch, slots, gen)
+    indptr, pos = random_keep(batch, 3, gen, all_layers_prune_req=2)
+    ref_map, ref_freed = prune_ref(mapping, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, indptr, pos)
+    m, r2t, rpi, sl, ip, ps = _cuda(mapping, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, indptr, pos)
+    freed = torch.full((3, sum(batch.lens)), -7, dtype=torch.int64, device=CUDA)
+    count = torch.zeros(3, dtype=torch.int32, device=CUDA)
+    prune_kv(m, r2t, rpi, sl, ip, ps, freed_slots=freed, freed_count=count, max_seq_len=3000, chunk_tokens=512)
+    assert torch.equal(m.cpu(), ref_map)
+    for l in range(3):
+        assert sorted(freed[l, : int(count[l])].tolist()) == ref_freed[l]
+    ref_indptr, ref_streams = build_kv_indices_ref(ref_map, batch.req_to_token, batch.req_pool_indices, batch.seq_lens)
+    for kept in (None, (ref_indptr[:, 1:] - ref_indptr[:, :-1]).to(torch.int32).to(CUDA)):
+        indptr_o, indices_o = build_kv_indices(m, r2t, rpi, sl, kept_lens=kept, capacity=sum(batch.lens))
+        assert torch.equal(indptr_o.long().cpu(), ref_indptr)
+        for g in range(3):
+            assert torch.equal(indices_o[g, : ref_streams[g].numel()].long().cpu(), ref_streams[g])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn])
+def test_gpu_in_place_compaction(dtype):
+    gen = torch.Generator().manual_seed(51)
+    batch = make_batch([2500, 40, 0, 1800], gen)
+    slots = [4400, 4500, 4400]
+    k = [random_kv((s, H, D), dtype, gen) for s in slots]
+    v = [random_kv((s, H, D), dtype, gen) for s in slots]
+    mapping = held_mapping(batch, slots, gen, ascending=True)
+    indptr, pos = random_keep(batch, 3, gen, all_layers_prune_req=1)
+    dst = torch.zeros(pos.shape[0], dtype=torch.int64)
+    for l in range(3):
+        for b, ids in enumerate(batch.ids):
+            a, e = int(indptr[l, b]), int(indptr[l, b + 1])
+            dst[a:e] = mapping[l, ids].long().sort().values[: e - a]
+    ref_k, ref_v, ref_map, ref_freed = compact_ref(k, v, k, v, mapping, batch.req_to_token, batch.req_pool_indices,
+                                                   batch.seq_lens, indptr, pos, dst, "mapping", inplace=True)
+    kc, vc = _cuda(*k), _cuda(*v)
+    bufs = LayerKVBuffers(kc, vc)
+    m, r2t, rpi, sl, ip, ps, ds = _cuda(mapping, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, indptr,
+                                        pos, dst)
+    freed = torch.full((3, sum(batch.lens)), -7, dtype=torch.int64, device=CUDA)
+    count = torch.zeros(3, dtype=torch.int32, device=CUDA)
+    compact_kv(bufs, bufs, m, r2t, rpi, sl, ip, ps, ds, source="mapping", freed_slots=freed, freed_count=count,
+               max_seq_len=2500)
+    for l in range(3):
+        assert torch.equal(kc[l].cpu().view(torch.uint8), ref_k[l].view(torch.uint8))
+        assert torch.equal(vc[l].cpu().view(torch.uint8), ref_v[l].view(torch.uint8))
+        assert sorted(freed[l, : int(count[l])].tolist()) == ref_freed[l]
+    assert torch.equal(m.cpu(), ref_map)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_window_scores(dtype):
+    gen = torch.Generator().manual_seed(52)
+    lens, windows, qh, kvh, d = [5000, 33, 9000], [32, 8, 32], 32, 8, 128
+    total = sum(lens)
+    kb = torch.randn((total + 1, kvh, d), generator=gen).to(dtype)
+    vb = torch.randn((total + 1, kvh, d), generator=gen).to(dtype)
+    idx = (torch.randperm(total, generator=gen) + 1).to(torch.int32)
+    kv_indptr = torch.tensor([0, 5000, 5033, total], dtype=torch.int32)
+    q_indptr = torch.tensor([0, 32, 40, 72], dtype=torch.int32)
+    q = torch.randn((72, qh, d), generator=gen).to(dtype)
+    w_o = (torch.randn((1024, qh * d), generator=gen) * 0.02).to(dtype)
+    ref_norms = value_output_norms_ref(vb, idx, w_o, qh)
+    ref = window_scores_ref(q, q_indptr, kb, idx, kv_indptr, d ** -0.5, head_weights=ref_norms)
+    qc, qpc, kbc, vbc, idc, kpc, woc = _cuda(q, q_indptr, kb, vb, idx, kv_indptr, w_o)
+    norms = value_output_norms(vbc, idc, woc, num_q_heads=qh)
+    torch.testing.assert_close(norms.double().cpu(), ref_norms, rtol=2e-3, atol=1e-4)
+    out = window_scores(qc, qpc, kbc, idc, kpc, scaling=d ** -0.5, max_kv_len=9000, max_window=32,
+                        head_weights=norms, split_tokens=2048)
+    torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=1e-5)
+
+
+def test_flashinfer_accepts_index_streams():
+    flashinfer = pytest.importorskip("flashinfer")
+    gen = torch.Generator().manual_seed(53)
+    batch = make_batch([300, 17, 1000], gen)
+    slots = [1400, 1400]
+    mapping = held_mapping(batch, slots, gen)
+    mapping[torch.rand(mapping.shape, generator=gen) < 0.5] = 0
+    qh, kvh, d = 32, 8, 128
+    m, r2t, rpi, sl = _cuda(mapping, batch.req_to_token, batch.req_pool_indices, batch.seq_lens)
+    indptr, indices = build_kv_indices(m, r2t, rpi, sl, capacity=sum(batch.lens))
+    ws = torch.empty(128 << 20, dtype=torch.uint8, device=CUDA)
+    for g in range(2):
+        k = torch.randn((slots[g], kvh, d), device=CUDA, dtype=torch.float16)
+        v = torch.randn((slots[g], kvh, d), device=CUDA, dtype=torch.float16)
+        q = torch.randn((3, qh, d), device=CUDA, dtype=torch.float16)
+        wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(ws, "NHD")
+        wrapper.plan(indptr[g], indices[g], torch.ones(3, dtype=torch.int32, device=CUDA), qh, kvh, d, 1,
+                     data_type=torch.float16, q_data_type=torch.float16)
+        out = wrapper.run(q, (k[:, None], v[:, None]))
+        for b in range(3):
+            sl_b = indices[g, int(indptr[g, b]): int(indptr[g, b + 1])].long()
+            kk = k[sl_b].float().repeat_interleave(qh // kvh, 1)  # [n, qh, d]
+            vv = v[sl_b].float().repeat_interleave(qh // kvh, 1)
+            p = torch.softmax(torch.einsum("hd,nhd->hn", q[b].float(), kk) * d ** -0.5, dim=-1)
+            ref = torch.einsum("hn,nhd->hd", p, vv)
+            torch.testing.assert_close(out[b].float(), ref, rtol=2e-2, atol=2e-2)
