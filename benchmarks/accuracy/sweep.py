@@ -4,8 +4,9 @@ One prefill per sample is shared by every (policy, budget): the full-cache prefi
 (:func:`sglang_depthkv.core.sdpa_prefill.sdpa_prefill`, same FullPrefill as the reference path)
 gives every layer's observations; each policy selects per-layer keep sets from them
 (``make_policy(name, budget, profile=, gates=)``), and the answer is decoded greedily over the
-pruned cache with the reference path (``PrunedCache`` + ``ReferenceModel.extend``, positions
-continuing at the original length). Decoding stops at ``<|im_end|>``, at a blank line, or at the
+pruned cache, all (policy, budget) runs of a sample batched together
+(:mod:`benchmarks.accuracy.batched_decode`: each run attends over its own pruned cache, positions
+continuing at the original length; same tokens as ``ReferenceModel.decode`` run by run). Decoding stops at ``<|im_end|>``, at a blank line, or at the
 task's ``max_new_tokens``. The first answer token comes from the prefill's logits for every policy.
 
 Results are rewritten to ``--out`` after every sample, so a cut-off run keeps what it measured.
@@ -81,21 +82,6 @@ def parse_args(argv=None):
     return a
 
 
-def greedy_decode(ref, prefill, keep, max_new_tokens: int, stop_ids: set, tokenizer):
-    """Greedy tokens over ``prefill`` pruned to ``keep`` (None = full); stops at a stop id or a
-    blank line. Returns (token list, per-layer cached lengths after pruning)."""
-    from sglang_depthkv.core.reference import PrunedCache
-
-    cache = PrunedCache.from_prefill(prefill, keep)
-    kept = cache.lengths()
-    tok = int(torch.argmax(prefill.logits))
-    out = [tok]
-    while len(out) < max_new_tokens and tok not in stop_ids and "\n\n" not in tokenizer.decode(out):
-        tok = int(torch.argmax(ref.extend(cache, torch.tensor([tok]))[-1]))
-        out.append(tok)
-    return out, kept
-
-
 def _write(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -112,6 +98,7 @@ def main(argv=None) -> int:
     from sglang_depthkv.core.sdpa_prefill import sdpa_prefill
     from sglang_depthkv.core.smollm2 import GGUF_NAME, GGUF_SHA256, MODEL_NAME, chat_prompt, load_smollm2
 
+    from .batched_decode import batched_greedy
     from .tasks import make_samples, score
 
     torch.manual_seed(args.seed)
@@ -129,6 +116,9 @@ def main(argv=None) -> int:
     policies = {(name, b): make_policy(name, b, profile=profile, gates=gates, sinks=args.sinks, window=args.window)
                 for name in args.policies for b in args.budgets}
     stop_ids = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+
+    def stop(tokens) -> bool:  # end of turn, or a blank line after the answer
+        return tokens[-1] in stop_ids or "\n\n" in tok.decode(tokens)
     samples = make_samples(args.tasks, dict(zip(args.lengths, args.counts)), tokenizer=tok,
                            haystack=haystack_text(HAYSTACK_NOVELS), chat=lambda u: chat_prompt(tok, u), seed=args.seed)
     doc = {
@@ -149,20 +139,25 @@ def main(argv=None) -> int:
         pf = sdpa_prefill(ref, ids, window=args.window)
         rec = s.to_dict() | {"n_tokens": int(ids.shape[0]), "prefill_s": round(time.time() - t0, 2), "runs": []}
         runs = [("full", 1.0, None)] + [(name, b, policies[(name, b)]) for name in args.policies for b in args.budgets]
+        keeps, select_s = [], []
         for name, b, pol in runs:
             t1 = time.time()
-            keep = None if pol is None else ref.select(pf, pol)
-            t2 = time.time()
-            out, kept = greedy_decode(ref, pf, keep, s.max_new_tokens, stop_ids, tok)
+            keeps.append(None if pol is None else ref.select(pf, pol))
+            select_s.append(round(time.time() - t1, 3))
+        t2 = time.time()
+        outs, kept = batched_greedy(ref, pf, keeps, s.max_new_tokens, done=stop)
+        rec["decode_s"] = round(time.time() - t2, 2)
+        for (name, b, _), out, kp, ss in zip(runs, outs, kept, select_s):
             text = tok.decode(out, skip_special_tokens=True)
             rec["runs"].append({"policy": name, "budget": b, "output": text, "score": score(s, text),
-                                "kept": kept, "select_s": round(t2 - t1, 3), "decode_s": round(time.time() - t2, 3)})
+                                "kept": kp, "select_s": ss})
         del pf
         doc["samples"].append(rec)
         doc["wall_s"] = round(time.time() - t_start, 1)
         _write(args.out, doc)
         full = rec["runs"][0]
         print(f"[{si + 1}/{len(samples)}] {s.task} {rec['n_tokens']} tok: prefill {rec['prefill_s']}s, "
+              f"select {sum(select_s):.1f}s, decode {rec['decode_s']}s, "
               f"full={full['score']:.2f} {full['output']!r}, "
               f"mean pruned={sum(r['score'] for r in rec['runs'][1:]) / max(1, len(rec['runs']) - 1):.2f}, "
               f"elapsed {doc['wall_s']}s", flush=True)

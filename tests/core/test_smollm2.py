@@ -131,3 +131,44 @@ def test_sdpa_prefill_matches_reference_prefill(gguf_model):
         sdpa_prefill(model, ids)
     with pytest.raises(ValueError, match="window"):
         sdpa_prefill(ref, ids, window=0)
+
+
+def test_batched_decode_matches_reference_decode(gguf_model):
+    """benchmarks/accuracy/batched_decode (all runs of one prefill in a batch) gives the tokens of
+    ReferenceModel.decode run by run, on the real model, for full and ragged per-layer caches."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks.accuracy.batched_decode import batched_greedy
+    from sglang_depthkv.core.reference import ReferenceModel
+    from sglang_depthkv.core.sdpa_prefill import sdpa_prefill
+
+    model, tok = gguf_model
+    ref = ReferenceModel(model, name="SmolLM2")
+    ids = tok(_short_passkey(tok), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    pf = sdpa_prefill(ref, ids)
+    n, L = pf.length, ref.num_layers
+    g = torch.Generator().manual_seed(0)
+
+    def ragged(frac):
+        out = []
+        for _ in range(L):
+            k = max(40, int(frac * n * float(torch.rand(1, generator=g)) * 2))
+            mid = torch.randperm(n - 36, generator=g)[: max(0, min(k, n) - 36)] + 4
+            out.append(torch.cat([torch.arange(4), mid.sort().values, torch.arange(n - 32, n)]).unique())
+        return out
+
+    keeps = [None, ragged(0.1), ragged(0.3), [torch.arange(n)] * L]
+    toks, kept = batched_greedy(ref, pf, keeps, 8)
+    for keep, got, kp in zip(keeps, toks, kept):
+        want = ref.decode(pf, keep, 8)
+        assert got == want.tokens.tolist()
+        assert kp == [n] * L if keep is None else kp == [int(k.numel()) for k in keep]
+    # a stop rule ends a run early (its later tokens are dropped)
+    toks2, _ = batched_greedy(ref, pf, keeps[:1], 8, done=lambda t: len(t) >= 3)
+    assert toks2[0] == toks[0][:3]
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        batched_greedy(ref, pf, keeps, 0)
