@@ -61,12 +61,17 @@ def runs(tmp_path_factory):
     ]}
     for r in spec["runs"]:
         r.update(prompts=PROMPTS, max_new_tokens=NEW)
-    # per-layer pressure: budget 0.5 sizes every layer at 0.5*512 + 64 = 320 slots for 512 logical
-    # tokens, and nothing is pruned yet (issue 7): 8 x (60 + 40) tokens must be admitted per layer
-    spec["runs"].append({"name": "llama-snapkv-0.5-pressure", "model": llama, "prompts": PRESSURE,
+    # per-layer pressure: depthkv at budget 0.4 with a profile sizes layer l at ceil(f_l*512) + 68 slots
+    # (< 512 logical tokens; headroom = sinks 4 + window 64). The 60-token prompts are within
+    # sinks + window, so no policy prunes them (and --kv-decode-interval 0: no decode pruning): the
+    # tokens must equal transformers', while 8 x (60 + 40) tokens are admitted layer by layer
+    from test_config import make_profile
+
+    profile = str(make_profile(root / "profile.json"))
+    spec["runs"].append({"name": "llama-depthkv-0.4-pressure", "model": llama, "prompts": PRESSURE,
                          "max_new_tokens": PRESSURE_NEW,
-                         "engine_kwargs": {"kv_policy": "snapkv", "kv_budget": 0.5, "max_total_tokens": 512,
-                                           "chunked_prefill_size": 64, **info}})
+                         "engine_kwargs": {"kv_policy": "depthkv", "kv_budget": 0.4, "kv_profile": profile,
+                                           "kv_window": 64, "max_total_tokens": 512, "chunked_prefill_size": 64, **info}})
     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, str(HERE / "engine_runs.py"), json.dumps(spec)], capture_output=True,
                           text=True, timeout=900, env=env)
@@ -75,7 +80,7 @@ def runs(tmp_path_factory):
     res = {r["name"]: r for r in json.loads(lines[-1][len("RESULT "):])}
     for name, r in res.items():
         assert "error" not in r, f"{name}: {r.get('error_type')}: {r.get('error')}\n{r.get('traceback', '')}"
-    return dict(res=res, log=proc.stderr, hf={"llama": hf_tokens(llama), "qwen3": hf_tokens(qwen3),
+    return dict(res=res, log=proc.stderr, llama=llama, profile=profile, hf={"llama": hf_tokens(llama), "qwen3": hf_tokens(qwen3),
                                               "pressure": hf_tokens(llama, PRESSURE, PRESSURE_NEW)})
 
 
@@ -109,7 +114,7 @@ def test_plugin_really_ran_and_vanilla_untouched(runs):
     # per run in order: the plugin runs log the capacity table and their classes, vanilla runs nothing
     assert log.count("sglang-depthkv capacity: policy=full budget=1") == 2
     assert log.count("sglang-depthkv capacity: policy=snapkv budget=1") == 1
-    assert log.count("sglang-depthkv capacity: policy=snapkv budget=0.5") == 1
+    assert log.count("sglang-depthkv capacity: policy=depthkv budget=0.4") == 1
     assert log.count("sglang-depthkv: tree cache DepthKVRadixCache") == 3  # not with --disable-radix-cache
     assert log.count("sglang-depthkv: attention backend DepthKVTorchNativeAttnBackend") == 4
     assert log.count("sglang-depthkv: allocator DepthKVAllocator") == 4
@@ -119,13 +124,24 @@ def test_plugin_really_ran_and_vanilla_untouched(runs):
 
 
 def test_per_layer_admission_under_pressure(runs):
-    """Layers hold 320 slots for 512 logical tokens: SGLang's logical admission alone would overrun a
-    layer (alloc fails -> 'out of memory'); with per-layer admission every request completes with
-    exactly the transformers tokens (nothing is pruned, so attention sees every token)."""
-    r, hf = runs["res"]["llama-snapkv-0.5-pressure"], runs["hf"]["pressure"]
+    """Layers hold fewer slots than the 512 logical tokens: SGLang's logical admission alone would
+    overrun a layer (alloc fails -> 'out of memory'); with per-layer admission every request completes
+    with exactly the transformers tokens (nothing is pruned, so attention sees every token)."""
+    import math
     import re
 
-    assert re.search(r"^\s+3\s+0\.5000\s+320\s", runs["log"], re.M)  # the capacity table row of layer 3
+    from transformers import AutoConfig
+
+    from sglang_depthkv.sglang.capacity import policy_layer_fractions
+    from sglang_depthkv.sglang.config import parse_settings
+
+    r, hf = runs["res"]["llama-depthkv-0.4-pressure"], runs["hf"]["pressure"]
+    s = parse_settings({"kv_policy": "depthkv", "kv_budget": 0.4, "kv_profile": runs["profile"]})
+    fr = policy_layer_fractions(s, 4, AutoConfig.from_pretrained(runs["llama"]))
+    caps = [min(512, math.ceil(f * 512) + 68) for f in fr]
+    assert max(caps) < 512 and len(set(caps)) > 1
+    for l, c in enumerate(caps):  # the scheduler's start-up table has the same per-layer capacities
+        assert re.search(rf"^\s+{l}\s+{fr[l]:.4f}\s+{c}\s", runs["log"], re.M), (l, c)
     assert r["single"] == hf
     assert r["batch"] == hf
     assert r["max_total_num_tokens"] == 512
