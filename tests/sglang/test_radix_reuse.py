@@ -102,3 +102,27 @@ def test_chunked_prefill_chunks_stay_request_owned():
     tree.prune_owned(req, [1], [torch.tensor([0, 1])])
     alloc.free(ids)
     r2t.free(req)
+
+
+def test_layer_deficit_matches_brute_force():
+    """The prefill budget correction: logical room minus the worst layer's room (free + evictable)."""
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    from sglang_depthkv.sglang.radix_cache import layer_deficit
+
+    pool, alloc, r2t, tree = build(capacities=(30, 14, 20), size=30)
+    assert layer_deficit(alloc, tree) == 30 - 14  # empty: layer 1 is 16 slots short of the logical space
+    ids = alloc.alloc(10)
+    alloc.prune([0, 2], [ids[:6], ids[2:5]])
+    tree.insert(InsertParams(key=RadixKey(array("q", list(range(10)))), value=ids))
+    # brute force: logical room = 20 free + 10 evictable; per layer free + held-in-tree
+    rooms = []
+    for l, cap in enumerate((30, 14, 20)):
+        held = int((pool.mapping[l, ids] > 0).sum())
+        rooms.append(alloc.layer_available_size(l) + held)
+    assert rooms == [30, 14, 20]
+    assert layer_deficit(alloc, tree) == 30 - min(rooms)
+    more = alloc.alloc(4)  # request-owned, not evictable
+    assert layer_deficit(alloc, tree) == (26) - min(r - 4 for r in rooms)
+    alloc.free(more)
