@@ -21,6 +21,9 @@ def build_token_to_kv_pool_around(orig, self, *args, **kwargs):
         raise ValueError("--model-path: DSA / DeepSeek-V4 models are not supported with --kv-policy")
     if self.is_draft_worker:
         raise ValueError("--speculative-algorithm: draft workers are not supported with --kv-policy")
+    if self.post_capture_kv_active:
+        raise ValueError("post-capture KV resize (SGLANG post-capture KV env) is not supported with --kv-policy: "
+                         "the per-layer pool is sized once at start-up")
     sizes = kwargs["sizes"]
     conf = DepthKVPoolConfigurator(self, settings)
     plan = conf.plan_for_tokens(sizes.max_total_num_tokens)

@@ -35,6 +35,10 @@ class DepthKVAllocator(TokenToKVPoolAllocator):
         self.mapping = kvcache.mapping
         super().__init__(size, dtype, device, kvcache, need_sort)  # calls clear()
 
+    def resize(self, config) -> None:
+        raise RuntimeError("DepthKVAllocator: resizing the per-layer pool is refused (post-capture KV resize "
+                           "is rejected at start-up under --kv-policy)")
+
     # --- state ---------------------------------------------------------------------------------
     def clear(self):
         super().clear()
