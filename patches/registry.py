@@ -29,6 +29,8 @@ HOOKS = (
     ("sglang.srt.managers.schedule_policy.PrefillAdder.__init__", "AFTER", "admission:prefill_adder_init_after"),
     ("sglang.srt.managers.schedule_batch.ScheduleBatch.check_decode_mem", "AFTER",
      "admission:check_decode_mem_after"),
+    ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "AFTER",
+     "pruning:forward_batch_init_new_after"),
 )
 
 HOOK_TARGETS = tuple(t for t, _, _ in HOOKS)

@@ -1,0 +1,141 @@
+"""What the attention backend knows about each request of an extend batch, and the core
+``LayerObservation`` it builds from what attention already computed (no second forward pass).
+
+- ``ExtendEntry``: one request of an extend batch (attached to the ``ForwardBatch`` by the
+  ``ForwardBatch.init_new`` hook, ``patches/pruning.py``): its rid, ``prefix_len`` (tokens already in
+  the KV cache: a radix-matched prefix and/or earlier chunks), ``seq_len``, ``own_lo``
+  (``req.cache_protected_len``: positions below it are tree-owned and never re-pruned) and
+  ``final`` (its prefill ends in this batch: every request except the batch's ``chunked_req``;
+  mixed-in decode requests get no entry).
+- ``ChunkStash`` (kept on the ``Req`` between chunks of a chunked prefill): per layer the last
+  ``window`` queries seen so far (so a final chunk shorter than the window still has a full
+  observation window) and, for scorers that use them (KVzip gates), the attention inputs of the
+  request's own tokens of earlier chunks.
+- ``build_observation``: per layer and request, keys/values = the tokens the layer holds for the
+  request (held prefix + the new chunk, compacted, in position order), window queries = the last
+  ``w = min(window, own tokens)`` queries (post-RoPE, as the backend receives them), LaProx's
+  ``o_proj`` weight read from the model's layer. Query-agnostic scorers (recency, KVzip gates)
+  score only the own segment (their scores do not depend on other tokens; the cached prefix has no
+  hidden states here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import torch
+
+from sglang_depthkv.core.types import LayerObservation
+
+
+@dataclass
+class ExtendEntry:
+    req: Any
+    rid: str
+    prefix_len: int
+    seq_len: int
+    own_lo: int
+    final: bool
+
+    @property
+    def new_len(self) -> int:
+        return self.seq_len - self.prefix_len
+
+
+@dataclass
+class ChunkStash:
+    upto: int  # sequence length covered so far
+    queries: List[Optional[torch.Tensor]] = field(default_factory=list)  # per layer [qh, <=w, d]
+    hidden: List[Optional[torch.Tensor]] = field(default_factory=list)  # per layer [own rows so far, hidden]
+
+
+STASH_ATTR = "_depthkv_chunk_stash"
+
+
+def entries_for_batch(batch) -> List[Optional[ExtendEntry]]:
+    """One entry per request of an extend ``ScheduleBatch`` (None for mixed-in decode requests)."""
+    chunked = getattr(batch, "chunked_req", None)
+    decoding = {id(r) for r in (getattr(batch, "decoding_reqs", None) or [])}
+    prefix_lens = list(batch.prefix_lens)
+    seq_lens = [int(x) for x in batch.seq_lens_cpu.tolist()]
+    out: List[Optional[ExtendEntry]] = []
+    for i, req in enumerate(batch.reqs):
+        if id(req) in decoding:
+            out.append(None)
+            continue
+        own_lo = int(req.cache_protected_len)
+        pre = int(prefix_lens[i])
+        if own_lo > pre:
+            raise RuntimeError(f"request {req.rid}: cache_protected_len {own_lo} > prefix length {pre}")
+        out.append(ExtendEntry(req=req, rid=str(req.rid), prefix_len=pre, seq_len=seq_lens[i], own_lo=own_lo,
+                               final=req is not chunked))
+    return out
+
+
+def get_stash(entry: ExtendEntry, num_layers: int) -> ChunkStash:
+    """The request's stash, reset when this chunk does not continue it (first chunk, retraction)."""
+    st = getattr(entry.req, STASH_ATTR, None)
+    if st is None or st.upto != entry.prefix_len or entry.prefix_len == entry.own_lo:
+        st = ChunkStash(upto=entry.prefix_len, queries=[None] * num_layers, hidden=[None] * num_layers)
+        setattr(entry.req, STASH_ATTR, st)
+    return st
+
+
+def clear_stash(entry: ExtendEntry) -> None:
+    if hasattr(entry.req, STASH_ATTR):
+        delattr(entry.req, STASH_ATTR)
+
+
+def _cat(prev: Optional[torch.Tensor], new: torch.Tensor, dim: int) -> torch.Tensor:
+    return new if prev is None else torch.cat([prev, new], dim=dim)
+
+
+def window_size(window: int, own_tokens: int) -> int:
+    """Observation window: the last ``window`` queries (at least 1, as the reference path), clipped
+    to the request's own tokens (the only queries computed for it)."""
+    return min(max(int(window), 1), int(own_tokens))
+
+
+def stash_chunk(st: ChunkStash, local_layer: int, q_req: torch.Tensor, h_req: Optional[torch.Tensor],
+                window: int) -> None:
+    """Record a non-final chunk at one layer: q_req [qh, m, d], h_req [m, hidden] or None."""
+    w = max(int(window), 1)
+    st.queries[local_layer] = _cat(st.queries[local_layer], q_req, 1)[:, -w:, :].detach().clone()
+    if h_req is not None:
+        st.hidden[local_layer] = _cat(st.hidden[local_layer], h_req, 0).detach().clone()
+
+
+def build_observation(layer: int, local_layer: int, entry: ExtendEntry, st: ChunkStash, kpos: torch.Tensor,
+                      keys: torch.Tensor, values: torch.Tensor, q_req: torch.Tensor, h_req: Optional[torch.Tensor],
+                      scaling: float, o_proj_weight: Optional[torch.Tensor], window: int,
+                      own_only: bool) -> tuple:
+    """``(LayerObservation, own_columns)``: ``own_columns`` selects, from the observation's tokens,
+    the request's own positions ``[own_lo, seq_len)`` in order. keys/values ``[kvh, n_held, d]`` at
+    held positions ``kpos``; q_req ``[qh, m, d]`` (this chunk)."""
+    m_own = entry.seq_len - entry.own_lo
+    w = window_size(window, m_own)
+    queries = _cat(st.queries[local_layer], q_req, 1)[:, -w:, :]
+    if queries.shape[1] != w:
+        raise RuntimeError(f"layer {layer}, request {entry.rid}: {queries.shape[1]} window queries, expected {w}")
+    own_mask = kpos >= entry.own_lo
+    if int(own_mask.sum()) != m_own:
+        raise RuntimeError(f"layer {layer}, request {entry.rid}: the layer holds {int(own_mask.sum())} of its "
+                           f"{m_own} own tokens before pruning")
+    hidden = None
+    if h_req is not None:
+        hidden = _cat(st.hidden[local_layer], h_req, 0)
+    if own_only:
+        keys, values = keys[:, own_mask], values[:, own_mask]
+        own_cols = torch.arange(m_own)
+    else:
+        own_cols = torch.nonzero(own_mask).reshape(-1)
+        if hidden is not None and hidden.shape[0] != keys.shape[1]:
+            raise RuntimeError(f"layer {layer}, request {entry.rid}: hidden states of a cached prefix are not "
+                               "available to a scorer that reads all tokens")
+    obs = LayerObservation(layer=layer, keys=keys.float(), values=values.float(), window_queries=queries.float(),
+                           scaling=float(scaling),
+                           o_proj_weight=None if o_proj_weight is None else o_proj_weight.float(),
+                           hidden_states=None if hidden is None else hidden.float())
+    obs.check()
+    return obs, own_cols

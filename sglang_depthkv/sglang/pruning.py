@@ -1,0 +1,105 @@
+"""End-of-prefill pruning on the SGLang side: per-layer scores -> per-layer keep sets -> freed slots.
+
+The decision is ``PrunePolicy.select``'s, applied to the tokens the request owns (positions
+``[own_lo, n)``, ``own_lo = req.cache_protected_len``: a radix-matched prefix was already pruned by
+the request that inserted it and is never re-pruned), built from the same core functions
+(``protect``, ``allocator.allocate``, ``select_top``), never re-implemented:
+
+1. ``m = n - own_lo`` own tokens; ``sinks_own`` = how many of the absolute sink positions
+   ``[0, sinks)`` fall inside the own segment (``sinks`` when ``own_lo == 0``);
+2. not pruned at all when ``budget == 1`` or ``m <= sinks_own + window``;
+3. per layer ``protect(own_scores_l, sinks_own, window)``, then
+   ``allocator.allocate(m, L, budget, sinks_own, window, layer_scores)`` (scores only for
+   score-dependent allocators) and ``select_top`` per layer.
+
+With ``own_lo == 0`` (no cached prefix) this is exactly ``PrunePolicy.select`` on the request's
+whole prompt (``tests/sglang_e2e/test_select_own.py`` checks it). **Budget of a request with a
+cached prefix:** the budget applies to the request's own segment as if it were a sequence of ``m``
+tokens (the cached prefix keeps whatever its inserter kept, it is not charged again).
+
+``PruneRecord`` is one request's decision; ``apply_prune`` frees the dropped slots through
+``DepthKVAllocator.prune``; ``dump_keep`` appends the kept positions as JSON lines to the file
+named by ``SGLANG_DEPTHKV_DUMP_KEEP`` (debug / tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+
+from sglang_depthkv.core.policy import PrunePolicy
+from sglang_depthkv.core.selection import protect, select_top
+
+DUMP_ENV = "SGLANG_DEPTHKV_DUMP_KEEP"
+
+
+def sinks_in_segment(sinks: int, own_lo: int, m: int) -> int:
+    return max(0, min(int(sinks) - int(own_lo), int(m)))
+
+
+def select_own(policy: PrunePolicy, own_scores: torch.Tensor, own_lo: int) -> Optional[List[torch.Tensor]]:
+    """Keep sets (absolute positions, ascending int64) per layer for the own segment, from
+    unprotected token scores ``own_scores [L, m]`` of positions ``own_lo .. own_lo + m - 1``.
+    ``None`` when the segment is not pruned (everything kept)."""
+    if not isinstance(own_scores, torch.Tensor) or own_scores.dim() != 2:
+        raise ValueError(f"select_own: own_scores must be [num_layers, m], got {getattr(own_scores, 'shape', own_scores)}")
+    if int(own_lo) < 0:
+        raise ValueError(f"select_own: own_lo must be >= 0, got {own_lo}")
+    L, m = int(own_scores.shape[0]), int(own_scores.shape[1])
+    sinks = sinks_in_segment(policy.sinks, own_lo, m)
+    if not (policy.budget < 1.0 and m > sinks + policy.window):
+        return None
+    prot = torch.stack([protect(own_scores[l].float(), sinks, policy.window) for l in range(L)])
+    if policy.allocator.score_dependent:
+        counts = policy.allocator.allocate(m, L, policy.budget, sinks, policy.window, prot)
+    else:
+        counts = policy.allocator.allocate(m, L, policy.budget, sinks, policy.window)
+    return [select_top(prot[l], int(k)) + int(own_lo) for l, k in enumerate(counts)]
+
+
+@dataclass
+class PruneRecord:
+    rid: str
+    own_lo: int
+    seq_len: int
+    keep: Optional[List[torch.Tensor]]  # per layer absolute positions kept in [own_lo, seq_len); None = all
+    freed: List[int] = field(default_factory=list)
+
+
+def dropped_positions(keep: torch.Tensor, own_lo: int, seq_len: int) -> torch.Tensor:
+    own = torch.arange(own_lo, seq_len, dtype=torch.int64)
+    return own[~torch.isin(own, keep.to(torch.int64))]
+
+
+def apply_prune(allocator, req_to_token: torch.Tensor, req_pool_idx: int, record: PruneRecord) -> None:
+    """Free, at every layer, the own positions not in ``record.keep`` (through the allocator, which
+    refuses a token a layer no longer holds: a segment is pruned once)."""
+    if record.keep is None:
+        record.freed = [0] * allocator.num_layers
+        return
+    if len(record.keep) != allocator.num_layers:
+        raise ValueError(f"apply_prune: {len(record.keep)} keep sets for {allocator.num_layers} layers")
+    row = req_to_token[int(req_pool_idx)]
+    ids = [row[dropped_positions(k, record.own_lo, record.seq_len).to(row.device)].long() for k in record.keep]
+    record.freed = allocator.prune("all", ids)
+
+
+def dump_keep(record: PruneRecord, path: Optional[str] = None) -> None:
+    path = path if path is not None else os.environ.get(DUMP_ENV)
+    if not path:
+        return
+    with open(path, "a") as f:
+        for layer in range(len(record.freed)):
+            kept = (list(range(record.own_lo, record.seq_len)) if record.keep is None
+                    else [int(p) for p in record.keep[layer].tolist()])
+            f.write(json.dumps({"rid": record.rid, "own_lo": record.own_lo, "seq_len": record.seq_len,
+                                "layer": layer, "pruned": record.keep is not None, "kept": kept,
+                                "freed": record.freed[layer]}) + "\n")
+
+
+def own_token_scores(per_layer: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([s.float() for s in per_layer])

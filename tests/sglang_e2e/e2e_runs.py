@@ -1,0 +1,63 @@
+"""Engine runs for the pruning end-to-end tests, executed in a subprocess (a dying SGLang child
+SIGKILLs its parent's process tree). Usage: python e2e_runs.py SPEC_JSON; prints one line
+``RESULT {json}``. SPEC: {"runs": [{"name", "model", "engine_kwargs", "batches": [[{"rid", "ids"}...]...],
+"max_new_tokens"}]}. Each batch is sent as one ``generate`` call (requests of one batch are
+scheduled together); the per-layer keep sets are read back from ``SGLANG_DEPTHKV_DUMP_KEEP``."""
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sglang"))
+from engine_runs import _sigquit  # noqa: E402  (engineer I's runner: same SIGQUIT handling)
+
+from sglang_depthkv.sglang.pruning import DUMP_ENV  # noqa: E402
+
+
+def run_one(run, tmp):
+    import sglang
+
+    dump = os.path.join(tmp, run["name"] + ".keep.jsonl")
+    os.environ[DUMP_ENV] = dump  # inherited by the spawned scheduler
+    kw = dict(device="cpu", skip_tokenizer_init=True, disable_cuda_graph=True, dtype="float32",
+              max_total_tokens=4096, max_running_requests=8, mem_fraction_static=0.3,
+              custom_sigquit_handler=_sigquit, log_level="error")
+    kw.update(run.get("engine_kwargs", {}))
+    out = {"name": run["name"], "batches": []}
+    eng = sglang.Engine(model_path=run["model"], **kw)
+    try:
+        sp = {"temperature": 0, "max_new_tokens": run["max_new_tokens"], "ignore_eos": True}
+        for batch in run["batches"]:
+            res = eng.generate(input_ids=[r["ids"] for r in batch], rid=[r["rid"] for r in batch],
+                               sampling_params=sp, return_logprob=True)
+            out["batches"].append({r["rid"]: {"tokens": g["output_ids"],
+                                              "cached_tokens": g["meta_info"].get("cached_tokens"),
+                                              "logprobs": [x[0] for x in g["meta_info"]["output_token_logprobs"]]}
+                                   for r, g in zip(batch, res)})
+    finally:
+        eng.shutdown()
+    keep = []
+    if os.path.exists(dump):
+        with open(dump) as f:
+            keep = [json.loads(l) for l in f if l.strip()]
+    out["keep"] = keep
+    return out
+
+
+def main():
+    spec = json.loads(sys.argv[1])
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in spec["runs"]:
+            try:
+                results.append(run_one(run, tmp))
+            except Exception as e:  # noqa: BLE001 - reported to the test
+                results.append({"name": run["name"], "error_type": type(e).__name__, "error": str(e),
+                                "traceback": traceback.format_exc()})
+    print("RESULT " + json.dumps(results), flush=True)
+
+
+if __name__ == "__main__":
+    main()
