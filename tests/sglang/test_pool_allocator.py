@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import build, write_kv  # noqa: E402
+from dkv_support import build, write_kv  # noqa: E402
 
 from sglang_depthkv.sglang.invariants import check  # noqa: E402
 

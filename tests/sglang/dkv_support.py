@@ -32,3 +32,14 @@ def write_kv(pool, ids, seed):
         for j, i in enumerate(ids.tolist()):
             ref[(l, i)] = (k[j].clone(), v[j].clone())
     return ref
+
+
+def make_profile(path, num_layers=4, **identity_overrides):
+    from sglang_depthkv.core.profile import SensitivityProfile, save_profile
+    from sglang_depthkv.core.types import ModelIdentity
+
+    ident = dict(num_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32, hidden_size=128,
+                 architecture="LlamaForCausalLM")
+    ident.update(identity_overrides)
+    sens = [[0.5 + l, 0.1 * (l + 1), 0.0] for l in range(ident["num_layers"])]
+    return save_profile(SensitivityProfile(ModelIdentity(**ident), "snapkv", [0.25, 0.5, 1.0], sens), path)

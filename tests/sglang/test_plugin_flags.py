@@ -12,6 +12,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sglang_depthkv.sglang.config import DepthKVConfigError, POLICY_CHOICES, parse_settings  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from dkv_support import make_profile  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def plugins():
@@ -149,17 +152,6 @@ def test_cli_refuses(plugins, llama, flags, flag):
 def test_cli_refuses_sliding_window_model(plugins, swa_model):
     with pytest.raises(DepthKVConfigError, match="^--model-path: sliding-window"):
         cli(swa_model, "--kv-policy", "full")
-
-
-def make_profile(path, num_layers=4, **identity_overrides):
-    from sglang_depthkv.core.profile import SensitivityProfile, save_profile
-    from sglang_depthkv.core.types import ModelIdentity
-
-    ident = dict(num_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=32, hidden_size=128,
-                 architecture="LlamaForCausalLM")
-    ident.update(identity_overrides)
-    sens = [[0.5 + l, 0.1 * (l + 1), 0.0] for l in range(ident["num_layers"])]
-    return save_profile(SensitivityProfile(ModelIdentity(**ident), "snapkv", [0.25, 0.5, 1.0], sens), path)
 
 
 def test_cli_depthkv_profile_accepted_and_sizes_layers(plugins, llama, tmp_path):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import build, write_kv  # noqa: E402
+from dkv_support import build, write_kv  # noqa: E402
 
 from sglang_depthkv.sglang.invariants import check  # noqa: E402
 

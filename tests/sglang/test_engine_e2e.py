@@ -65,7 +65,8 @@ def runs(tmp_path_factory):
     # (< 512 logical tokens; headroom = sinks 4 + window 64). The 60-token prompts are within
     # sinks + window, so no policy prunes them (and --kv-decode-interval 0: no decode pruning): the
     # tokens must equal transformers', while 8 x (60 + 40) tokens are admitted layer by layer
-    from test_config import make_profile
+    sys.path.insert(0, str(HERE))
+    from dkv_support import make_profile
 
     profile = str(make_profile(root / "profile.json"))
     spec["runs"].append({"name": "llama-depthkv-0.4-pressure", "model": llama, "prompts": PRESSURE,

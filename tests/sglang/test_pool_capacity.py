@@ -59,7 +59,7 @@ def test_llama31_8b_budget_03_holds_3x_vanilla(kvc):
     sys_path = str(Path(__file__).parent)
     if sys_path not in sys.path:
         sys.path.insert(0, sys_path)
-    from test_config import make_profile
+    from dkv_support import make_profile
 
     prof = make_profile(Path(tempfile.mkdtemp()) / "p.json", num_layers=32, num_attention_heads=32,
                         num_key_value_heads=8, head_dim=128, hidden_size=4096)
