@@ -5,8 +5,12 @@
   ``ForwardBatch.init_new`` hook, ``patches/pruning.py``): its rid, ``prefix_len`` (tokens already in
   the KV cache: a radix-matched prefix and/or earlier chunks), ``seq_len``, ``own_lo``
   (``req.cache_protected_len``: positions below it are tree-owned and never re-pruned) and
-  ``final`` (its prefill ends in this batch: every request except the batch's ``chunked_req``;
-  mixed-in decode requests get no entry).
+  ``final`` (its prefill ends in this batch: every request except the batch's ``chunked_req``).
+  Mixed-in decode requests get no entry, and neither does the re-prefill of a retracted request
+  (it already has output tokens): its prompt was pruned at its first prefill (the pruned prompt is
+  in the tree and is normally matched again), and decoded tokens are never pruned at prefill
+  (only decode-time pruning may drop them). If the tree evicted the pruned prompt meanwhile, the
+  re-prefilled prompt is kept whole (not re-scored).
 - ``ChunkStash`` (kept on the ``Req`` between chunks of a chunked prefill): per layer the last
   ``window`` queries seen so far (so a final chunk shorter than the window still has a full
   observation window) and, for scorers that use them (KVzip gates), the attention inputs of the
@@ -61,8 +65,8 @@ def entries_for_batch(batch) -> List[Optional[ExtendEntry]]:
     seq_lens = [int(x) for x in batch.seq_lens_cpu.tolist()]
     out: List[Optional[ExtendEntry]] = []
     for i, req in enumerate(batch.reqs):
-        if id(req) in decoding:
-            out.append(None)
+        if id(req) in decoding or len(getattr(req, "output_ids", None) or ()) > 0:
+            out.append(None)  # mixed-in decode step, or the re-prefill of a retracted request
             continue
         own_lo = int(req.cache_protected_len)
         pre = int(prefix_lens[i])
