@@ -15,11 +15,13 @@ Pruning rule (enforced by ``prune_owned``): a request prunes only the tokens it 
 segment is inserted into the tree it is never pruned again (another request may hold it). A token a
 layer no longer holds cannot be pruned twice (``DepthKVAllocator.prune`` refuses).
 
-Chunked prefill: intermediate chunks are **not** inserted into the tree (``cache_unfinished_req``
-with ``chunked=True`` behaves like SGLang's ``ChunkCache``: it only records ``req.prefix_indices``).
-The whole prompt stays request-owned until its last chunk has been prefilled, so the request can
-prune all of it with scores of the whole prompt and then insert it once. Cost: a concurrent request
-cannot hit the half-prefilled prompt of a chunked request.
+Chunked prefill: intermediate chunks are inserted into the tree exactly as in vanilla SGLang
+(``cache_unfinished_req(chunked=True)``), so they become tree-owned (``cache_protected_len`` moves
+past them) and, by the rule above, are never pruned; a chunked request prunes only its last chunk
+(plus its decode tokens). A ChunkCache-like variant that kept the chunks request-owned (to prune the
+whole prompt once) was tried and dropped: under per-layer pressure, a retracted request's chunked
+re-prefill then produced wrong final-token logits (tests/sglang/test_engine_e2e.py pressure run,
+cause not found in the time available), while vanilla insertion matches transformers exactly.
 """
 
 from __future__ import annotations
@@ -42,14 +44,6 @@ class DepthKVRadixCache(RadixCache):
             )
         if self.page_size != 1:
             raise ValueError(f"DepthKVRadixCache: page_size {self.page_size} not supported (1 only)")
-
-    # --- chunked prefill: chunks stay request-owned ------------------------------------------------
-    def cache_unfinished_req(self, req, chunked=False):
-        if chunked and not self.disable:
-            kv = self.req_to_token_pool.req_to_token[req.req_pool_idx, : req.extend_range.end]
-            req.prefix_indices = kv.to(dtype=torch.int64, copy=True)
-            return
-        return super().cache_unfinished_req(req, chunked=chunked)
 
     # --- pruning (the only entry for issue 7) --------------------------------------------------------
     def prune_owned(self, req, layers, positions_per_layer: Sequence[torch.Tensor]) -> List[int]:

@@ -87,21 +87,26 @@ def test_pruned_prefix_is_reused_bit_for_bit():
     assert check(alloc, tree) == []
 
 
-def test_chunked_prefill_chunks_stay_request_owned():
+def test_chunked_prefill_chunks_become_tree_owned_and_are_never_pruned():
+    """Intermediate chunks are inserted (vanilla SGLang); the pruning rule then protects them."""
     pool, alloc, r2t, tree = build(capacities=(16, 8, 8), size=16)
     tokens = list(range(1, 9))
     req = make_req("C", tokens, r2t, tree)
+    req.init_next_round_input(tree)  # SGLang's own prefix match (empty) and fill ids
     ids = alloc.alloc(4)
     r2t.write((req.req_pool_idx, slice(0, 4)), ids.to(torch.int32))
-    req.set_extend_range(0, 4)
+    req.set_extend_range(0, 4)  # first chunk: 4 of 8 tokens
     req.kv_committed_len = 4
     tree.cache_unfinished_req(req, chunked=True)
-    assert tree.total_size() == 0  # nothing inserted for an intermediate chunk
+    assert tree.total_size() == 4  # the chunk is in the tree
+    assert req.cache_protected_len == 4
     assert req.prefix_indices.tolist() == ids.tolist()
-    assert req.cache_protected_len == 0  # still request-owned: prunable by its request
-    tree.prune_owned(req, [1], [torch.tensor([0, 1])])
-    alloc.free(ids)
+    with pytest.raises(ValueError, match="tree-owned"):
+        tree.prune_owned(req, [1], [torch.tensor([0, 1])])
+    assert alloc.layer_available_sizes() == [12, 4, 4]  # nothing was pruned
+    tree.dec_lock_ref(req.last_node)
     r2t.free(req)
+
 
 
 def test_layer_deficit_matches_brute_force():
