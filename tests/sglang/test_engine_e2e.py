@@ -73,6 +73,8 @@ def runs(tmp_path_factory):
                          "max_new_tokens": PRESSURE_NEW,
                          "engine_kwargs": {"kv_policy": "depthkv", "kv_budget": 0.4, "kv_profile": profile,
                                            "kv_window": 64, "max_total_tokens": 512, "chunked_prefill_size": 64, **info}})
+    spec["runs"].append(dict(spec["runs"][-1], name="llama-depthkv-0.4-pressure-noradix",
+                             engine_kwargs=dict(spec["runs"][-1]["engine_kwargs"], disable_radix_cache=True)))
     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, str(HERE / "engine_runs.py"), json.dumps(spec)], capture_output=True,
                           text=True, timeout=900, env=env)
@@ -115,10 +117,10 @@ def test_plugin_really_ran_and_vanilla_untouched(runs):
     # per run in order: the plugin runs log the capacity table and their classes, vanilla runs nothing
     assert log.count("sglang-depthkv capacity: policy=full budget=1") == 2
     assert log.count("sglang-depthkv capacity: policy=snapkv budget=1") == 1
-    assert log.count("sglang-depthkv capacity: policy=depthkv budget=0.4") == 1
+    assert log.count("sglang-depthkv capacity: policy=depthkv budget=0.4") == 2
     assert log.count("sglang-depthkv: tree cache DepthKVRadixCache") == 3  # not with --disable-radix-cache
-    assert log.count("sglang-depthkv: attention backend DepthKVTorchNativeAttnBackend") == 4
-    assert log.count("sglang-depthkv: allocator DepthKVAllocator") == 4
+    assert log.count("sglang-depthkv: attention backend DepthKVTorchNativeAttnBackend") == 5
+    assert log.count("sglang-depthkv: allocator DepthKVAllocator") == 5
     assert "Failed to apply hooks" not in log
     # SGLang's idle check ran our per-layer invariants (its leak report would have stopped the run)
     assert log.count("sglang-depthkv: per-layer idle invariants checked: ok") >= 3
@@ -136,13 +138,15 @@ def test_per_layer_admission_under_pressure(runs):
     from sglang_depthkv.sglang.capacity import policy_layer_fractions
     from sglang_depthkv.sglang.config import parse_settings
 
-    r, hf = runs["res"]["llama-depthkv-0.4-pressure"], runs["hf"]["pressure"]
+    hf = runs["hf"]["pressure"]
     s = parse_settings({"kv_policy": "depthkv", "kv_budget": 0.4, "kv_profile": runs["profile"]})
     fr = policy_layer_fractions(s, 4, AutoConfig.from_pretrained(runs["llama"]))
     caps = [min(512, math.ceil(f * 512) + 68) for f in fr]
     assert max(caps) < 512 and len(set(caps)) > 1
     for l, c in enumerate(caps):  # the scheduler's start-up table has the same per-layer capacities
         assert re.search(rf"^\s+{l}\s+{fr[l]:.4f}\s+{c}\s", runs["log"], re.M), (l, c)
-    assert r["single"] == hf
-    assert r["batch"] == hf
-    assert r["max_total_num_tokens"] == 512
+    for name in ("llama-depthkv-0.4-pressure", "llama-depthkv-0.4-pressure-noradix"):  # radix tree / ChunkCache
+        r = runs["res"][name]
+        assert r["single"] == hf, name
+        assert r["batch"] == hf, name
+        assert r["max_total_num_tokens"] == 512
