@@ -108,7 +108,10 @@ def write_markdown(doc: dict, path: Path) -> str:
         groups = aggregate(doc, by)
         for g in sorted(groups, key=lambda x: (str(type(x)), x)):
             cnt = next(iter(groups[g].values()))[1]
+            cmp = depthkv_vs_uniform(groups[g], budgets)
             parts += [f"## By {title}: {g} ({cnt} samples)", "", markdown_table(groups[g], budgets), ""]
+            if cmp:
+                parts += ["DepthKV vs uniform SnapKV: " + "; ".join(cmp) + ".", ""]
     text = "\n".join(parts)
     Path(path).write_text(text)
     return text
