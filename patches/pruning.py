@@ -5,7 +5,8 @@ except the batch's ``chunked_req``; mixed-in decode requests get ``None``) and h
 attention backend as ``model_runner.depthkv_pending_entries``, which the backend claims in
 ``init_forward_metadata`` (SGLang's eager runner re-packs the ForwardBatch before the forward,
 ``dataclasses.replace`` / static buffers, so attributes set on it here would be lost).
-Non-extend batches clear it (``None``)."""
+Non-extend batches clear it (``None``); decode batches hand their ``Req`` list over as
+``model_runner.depthkv_pending_decode_reqs`` (decode-time pruning state lives on the Req)."""
 
 from sglang_depthkv.sglang.config import settings_of
 
@@ -16,6 +17,8 @@ def forward_batch_init_new_after(result, cls, batch, model_runner, *args, **kwar
         return result
     if not batch.forward_mode.is_extend():
         model_runner.depthkv_pending_entries = None
+        # decode-time pruning (--kv-decode-interval) keeps per-request state on the Req objects
+        model_runner.depthkv_pending_decode_reqs = list(batch.reqs) if batch.forward_mode.is_decode() else None
         return result
     from sglang_depthkv.sglang.observations import entries_for_batch
 

@@ -4,9 +4,13 @@ reference path (``core.reference``) with ``make_policy(P, b)``: per-layer kept-t
 the chosen tokens' log-probabilities within 2e-3 — for StreamingLLM, SnapKV, pyramid, LaProx global,
 DepthKV (profile written here) and KVzip gates (gate file constructed here), on tiny random Llama
 (all six) and Qwen3 (SnapKV, KVzip), batched requests of different lengths (one too short to be
-pruned), chunked prefill (a chunk size that splits the prompts, final chunks shorter than the
-window), and a radix hit on a pruned prefix (the hit request's own suffix is too short to prune:
-reference = extension of the pruned cache)."""
+pruned), decode-time pruning (``kv_decode_interval``: every pruning event's dropped positions equal the
+reference's ``DecodePruner`` events), and a radix hit on a pruned prefix (the hit request's own suffix is too short to prune:
+reference = extension of the pruned cache).
+
+Not here: chunked prefill. Since integration I's f9af11a, intermediate chunks are inserted into the
+tree (tree-owned, never pruned), so a chunked request prunes only its final chunk and is not
+equal to the reference's whole-prompt decision."""
 
 import json
 import math
@@ -38,12 +42,13 @@ HIT_SUFFIX = [17, 33, 61, 5, 9]  # a + suffix: radix hit on a's pruned prompt, o
 RUNS = [  # name, arch, policy, budget, extra engine kwargs
     ("llama-streamingllm", "llama", "streamingllm", 0.4, {}),
     ("llama-snapkv", "llama", "snapkv", 0.4, {}),
-    ("llama-pyramid-chunked", "llama", "pyramid", 0.4, {"chunked_prefill_size": 16}),
+    ("llama-pyramid", "llama", "pyramid", 0.4, {}),
     ("llama-laprox", "llama", "laprox", 0.3, {}),
     ("llama-depthkv", "llama", "depthkv", 0.4, {}),
     ("llama-kvzip", "llama", "kvzip", 0.4, {}),
     ("qwen3-snapkv", "qwen3", "snapkv", 0.3, {}),
-    ("qwen3-kvzip-chunked", "qwen3", "kvzip", 0.5, {"chunked_prefill_size": 16}),
+    ("qwen3-kvzip-decode", "qwen3", "kvzip", 0.5, {"kv_decode_interval": 6}),
+    ("llama-snapkv-decode", "llama", "snapkv", 0.4, {"kv_decode_interval": 4}),
 ]
 
 
@@ -111,18 +116,28 @@ def reference_policy(setup, arch, policy, budget):
                        gates=load_gates(setup["files"][arch]["gates"], ident), sinks=SINKS, window=WINDOW)
 
 
-def reference_run(ref, pol, ids, extend_ids=None, keep_of=None):
+def reference_run(ref, pol, ids, decode_interval=0):
     pre = ref.prefill(torch.tensor(ids), window=WINDOW)
     keep = ref.select(pre, pol)
-    out = ref.decode(pre, keep, STEPS, extend_ids=None if extend_ids is None else torch.tensor(extend_ids))
+    out = ref.decode(pre, keep, STEPS, policy=pol if decode_interval else None, decode_interval=decode_interval)
     logprobs = torch.log_softmax(out.logits.double(), dim=-1)
     chosen = [float(logprobs[i, t]) for i, t in enumerate(out.tokens.tolist())]
-    return keep, out.tokens.tolist(), chosen
+    return keep, out.tokens.tolist(), chosen, out.events
 
 
 def kept_by_layer(dump, rid):
     rows = sorted((r for r in dump if r["rid"] == rid), key=lambda r: r["layer"])
-    return rows
+    return [r for r in rows if r.get("event") != "decode"]
+
+
+def decode_events(dump, rid):
+    """{fed G: [dropped positions per layer]} from the decode-time pruning dump rows."""
+    ev = {}
+    for r in dump:
+        if r["rid"] == rid and r.get("event") == "decode":
+            ev.setdefault(r["fed"], {})[r["layer"]] = r["dropped"]
+            assert r["freed"] == len(r["dropped"])
+    return {g: [d[l] for l in sorted(d)] for g, d in ev.items()}
 
 
 @pytest.mark.parametrize("name, arch, policy, budget, extra", RUNS, ids=[r[0] for r in RUNS])
@@ -134,7 +149,8 @@ def test_keep_sets_and_tokens_equal_reference(setup, name, arch, policy, budget,
     pruned_somewhere = False
     for key, ids in PROMPTS.items():
         rid = f"{name}-{key}"
-        keep, tokens, chosen = reference_run(ref, pol, ids)
+        interval = extra.get("kv_decode_interval", 0)
+        keep, tokens, chosen, events = reference_run(ref, pol, ids, interval)
         rows = kept_by_layer(r["keep"], rid)
         assert [x["layer"] for x in rows] == list(range(ref.num_layers)), f"{rid}: dump rows {len(rows)}"
         for l, row in enumerate(rows):
@@ -143,6 +159,17 @@ def test_keep_sets_and_tokens_equal_reference(setup, name, arch, policy, budget,
             assert row["freed"] == len(ids) - len(keep[l])
         pruned_somewhere |= any(row["pruned"] for row in rows)
         assert rows[0]["pruned"] == pol.prunes(len(ids)), rid
+        if interval:
+            ref_events = {g: [d.tolist() for d in dropped] for g, dropped in events}
+            assert len(ref_events) >= 3 and any(any(d) for e in ref_events.values() for d in e)
+            got_events = decode_events(r["keep"], rid)
+            # SGLang's overlap loop launches one more decode step before it sees the request finished
+            # (its output is dropped): it may feed token STEPS and prune once more; the reference feeds STEPS-1
+            assert set(got_events) - set(ref_events) <= {STEPS}
+            got_events.pop(STEPS, None)
+            assert got_events == ref_events, f"{rid}: decode-time pruning events differ"
+        else:
+            assert not decode_events(r["keep"], rid)
         assert got[rid]["tokens"] == tokens, f"{rid}: greedy tokens differ"
         diff = max(abs(a - b) for a, b in zip(got[rid]["logprobs"], chosen))
         assert diff <= LOGPROB_TOL, f"{rid}: chosen-token log-probs differ by {diff}"
@@ -156,7 +183,7 @@ def test_pruning_changes_the_answer(setup):
     for name in ("llama-snapkv", "llama-laprox", "llama-streamingllm"):
         got = setup["res"][name]["batches"][0]
         for key, ids in PROMPTS.items():
-            _, full_tokens, _ = reference_run(ref, reference_policy(setup, "llama", "full", 1.0), ids)
+            _, full_tokens, _, _ = reference_run(ref, reference_policy(setup, "llama", "full", 1.0), ids)
             changed += got[f"{name}-{key}"]["tokens"] != full_tokens
     assert changed >= 1
 

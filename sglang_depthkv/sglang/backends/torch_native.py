@@ -66,12 +66,17 @@ class DepthKVTorchNativeAttnBackend(TorchNativeAttnBackend):
         self._hidden: Dict[int, torch.Tensor] = {}
         self._hooks = []
         self._scoring: Optional[_ForwardScoring] = None
+        self._decode_reqs = None  # requests of the current decode batch (decode-time pruning)
+        self.decode_interval = 0
         self.prune_log: List[P.PruneRecord] = []  # last records (debug), bounded
         from sglang_depthkv.sglang.config import settings_of
 
         settings = settings_of(model_runner.server_args)
         if settings is not None and settings.prunes:
             self.policy = build_policy(settings, model_runner)
+            self.decode_interval = int(settings.decode_interval)
+            if self.decode_interval and self.policy.window < 1:
+                raise ValueError("--kv-decode-interval: decode-time pruning needs --kv-window >= 1")
             gates = getattr(self.policy.scorer, "gates", None)
             self._needs_hidden = bool(gates is not None and gates.spec.use_hidden)
 
@@ -171,13 +176,46 @@ class DepthKVTorchNativeAttnBackend(TorchNativeAttnBackend):
             out, _, _ = self._attend(q_[i:i + 1].movedim(0, 1), k_cache, v_cache, slots, kpos,
                                      torch.tensor([seq - 1]), layer)
             o_[i:i + 1] = out.movedim(0, 1)
+            if self._decode_reqs is not None:
+                from sglang_depthkv.sglang import decode_pruning as DP
+
+                st = DP.state_of(self._decode_reqs[i], self.token_to_kv_pool.layer_num)
+                h = self._hidden[layer.layer_id][i:i + 1] if self._needs_hidden else None
+                DP.record_feed(st, layer.layer_id - self.token_to_kv_pool.start_layer, q_[i:i + 1].movedim(0, 1), h,
+                               layer.scaling)
+        if self._decode_reqs is not None and layer.layer_id == self.token_to_kv_pool.start_layer + self.token_to_kv_pool.layer_num - 1:
+            self._finish_decode(seq_lens)
         return o
+
+    def _finish_decode(self, seq_lens):
+        from sglang_depthkv.sglang import decode_pruning as DP
+
+        for req, seq in zip(self._decode_reqs, seq_lens):
+            st = DP.state_of(req, self.token_to_kv_pool.layer_num)
+            while DP.prune_due(st, int(seq), self.decode_interval, self.policy.window):
+                DP.prune_segment(st, self.policy, self.decode_interval, req, self.req_to_token_pool.req_to_token,
+                                 self.token_to_kv_pool, self.allocator, self._o_proj_weight, int(seq))
+        self._decode_reqs = None
+        self._hidden.clear()
 
     # --- scoring and pruning ------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
         super().init_forward_metadata(forward_batch)
         self._scoring = None
-        if self.policy is None or not forward_batch.forward_mode.is_extend():
+        self._decode_reqs = None
+        if self.policy is None:
+            return
+        if forward_batch.forward_mode.is_decode():
+            reqs = getattr(self.model_runner, "depthkv_pending_decode_reqs", None)
+            self.model_runner.depthkv_pending_decode_reqs = None
+            if self.decode_interval:
+                if reqs is None or len(reqs) != forward_batch.batch_size:
+                    raise RuntimeError("DepthKV: decode batch without its requests (the ForwardBatch.init_new hook "
+                                       "did not run); refusing to skip decode-time pruning silently")
+                self._install_hidden_hooks()
+                self._decode_reqs = reqs
+            return
+        if not forward_batch.forward_mode.is_extend():
             return
         entries = getattr(self.model_runner, "depthkv_pending_entries", None)
         self.model_runner.depthkv_pending_entries = None
