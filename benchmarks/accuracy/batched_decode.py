@@ -46,7 +46,8 @@ class BatchCaches:
                 self.k[l][b], self.v[l][b], self.fill[l][b] = kb, vb, m
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    # transformers' argument order (wrappers such as kvpress's attention_patch pass dropout positionally)
     st: BatchCaches = kwargs.get(STATE_KWARG)
     if st is None:
         raise ValueError(f"attention implementation {ATTN_IMPLEMENTATION!r} needs `{STATE_KWARG}`")

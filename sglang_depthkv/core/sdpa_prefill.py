@@ -27,7 +27,8 @@ ATTN_IMPLEMENTATION = "depthkv_sdpa_prefill"
 CAPTURE_KWARG = "depthkv_sdpa_capture"
 
 
-def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def _attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    # transformers' argument order (wrappers such as kvpress's attention_patch pass dropout positionally)
     cap = kwargs.get(CAPTURE_KWARG)
     if cap is None:
         raise ValueError(f"attention implementation {ATTN_IMPLEMENTATION!r} needs `{CAPTURE_KWARG}`; use sdpa_prefill()")

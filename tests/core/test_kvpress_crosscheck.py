@@ -101,3 +101,30 @@ def test_streamingllm_same_kept_set(setup, sinks, ratio):
     ours = make_policy("streamingllm", 0.5, sinks=sinks, window=1).scorer.score(setup["obs"])
     keep = select_top(protect(token_scores(ours), sinks, 1), n_kept)
     assert keep.tolist() == kv_keep[0]
+
+
+def test_reference_path_runs_under_kvpress_attention_patch(tmp_path):
+    """Importing kvpress wraps every attention function registered in transformers at that moment
+    (``attention_patch``) and the wrapper calls ``func(module, q, k, v, mask, dropout, **kwargs)``,
+    dropout positional. CI once failed because our reference attention took ``scaling`` in that
+    position: with the wrapper applied to it, the reference path must give the unwrapped logits."""
+    kvpress = import_kvpress()
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from tiny_models import save_tiny_model
+
+    from sglang_depthkv.core.reference import ATTN_IMPLEMENTATION, ReferenceModel, load_hf_model
+
+    ref = ReferenceModel(load_hf_model(save_tiny_model(tmp_path / "m", "llama", seed=3)))
+    ids = torch.arange(1, 30)
+    plain = ref.prefill(ids, window=4)
+    plain_dec = ref.decode(plain, [torch.arange(29)] * ref.num_layers, steps=3)
+    original = ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION]
+    ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION] = kvpress.attention_patch.attention_patch(original)
+    try:
+        wrapped = ref.prefill(ids, window=4)
+        wrapped_dec = ref.decode(wrapped, [torch.arange(29)] * ref.num_layers, steps=3)
+    finally:
+        ALL_ATTENTION_FUNCTIONS[ATTN_IMPLEMENTATION] = original
+    assert torch.equal(plain.logits, wrapped.logits)
+    assert torch.equal(plain_dec.tokens, wrapped_dec.tokens)
+    assert torch.equal(plain_dec.logits, wrapped_dec.logits)

@@ -64,8 +64,11 @@ def right_aligned_causal_mask(q_len: int, kv_len: int, device=None) -> torch.Ten
     return j <= (kv_len - q_len) + i
 
 
-def depthkv_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention interface: returns ``(attn_output [b, q, qh, d], None)``."""
+def depthkv_reference_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention interface: returns ``(attn_output [b, q, qh, d], None)``.
+
+    Argument order is transformers' own (``sdpa_attention_forward``: ``..., attention_mask, dropout,
+    scaling``): wrappers such as kvpress's ``attention_patch`` pass ``dropout`` positionally."""
     state: Optional[AttentionState] = kwargs.get(STATE_KWARG)
     if state is None:
         raise ValueError(
