@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--window", type=int, default=32)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.json"))
+    p.add_argument("--dump-keep", type=Path, default=None,
+                   help="append every pruned run's per-layer kept positions here (JSON lines; the server-accuracy check)")
     a = p.parse_args(argv)
     from .tasks import TASKS
 
@@ -89,6 +91,31 @@ def _write(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+def stop_ids_of(tok) -> set:
+    return {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+
+
+def stop_rule(tok):
+    """``done(tokens) -> bool``: end of turn, or a blank line after the answer (the sweep's decode stop;
+    ``benchmarks/serving_accuracy.py`` cuts the server's tokens with the same rule)."""
+    stop_ids = stop_ids_of(tok)
+
+    def stop(tokens) -> bool:
+        return tokens[-1] in stop_ids or "\n\n" in tok.decode(tokens)
+    return stop
+
+
+def _dump_keep(path: Path, index: int, sample, runs, keeps) -> None:
+    """One JSON line per pruned (policy, budget) run of a sample: ``kept`` = per layer ascending positions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        for (name, b), keep in zip(runs, keeps):
+            if keep is not None:
+                f.write(json.dumps({"sample": index, "task": sample.task, "target_tokens": sample.target_tokens,
+                                    "index": sample.index, "policy": name, "budget": b,
+                                    "kept": [k.tolist() for k in keep]}) + "\n")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
@@ -115,10 +142,7 @@ def main(argv=None) -> int:
         gates = load_gates(args.gates, expected=ref.identity)
     policies = {(name, b): make_policy(name, b, profile=profile, gates=gates, sinks=args.sinks, window=args.window)
                 for name in args.policies for b in args.budgets}
-    stop_ids = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
-
-    def stop(tokens) -> bool:  # end of turn, or a blank line after the answer
-        return tokens[-1] in stop_ids or "\n\n" in tok.decode(tokens)
+    stop = stop_rule(tok)
     samples = make_samples(args.tasks, dict(zip(args.lengths, args.counts)), tokenizer=tok,
                            haystack=haystack_text(HAYSTACK_NOVELS), chat=lambda u: chat_prompt(tok, u), seed=args.seed)
     doc = {
@@ -150,7 +174,9 @@ def main(argv=None) -> int:
         for (name, b, _), out, kp, ss in zip(runs, outs, kept, select_s):
             text = tok.decode(out, skip_special_tokens=True)
             rec["runs"].append({"policy": name, "budget": b, "output": text, "score": score(s, text),
-                                "kept": kp, "select_s": ss})
+                                "tokens": [int(t) for t in out], "kept": kp, "select_s": ss})
+        if args.dump_keep is not None:
+            _dump_keep(args.dump_keep, si, s, [(name, b) for name, b, _ in runs], keeps)
         del pf
         doc["samples"].append(rec)
         doc["wall_s"] = round(time.time() - t_start, 1)
