@@ -3,8 +3,9 @@
 
 - ``ExtendEntry``: one request of an extend batch (attached to the ``ForwardBatch`` by the
   ``ForwardBatch.init_new`` hook, ``patches/pruning.py``): its rid, ``prefix_len`` (tokens already in
-  the KV cache: a radix-matched prefix and/or earlier chunks), ``seq_len``, ``own_lo``
-  (``req.cache_protected_len``: positions below it are tree-owned and never re-pruned) and
+  the KV cache: a radix-matched prefix and/or earlier chunks), ``seq_len``, ``own_lo`` (where the
+  request's own tokens begin: positions below it were inserted into the tree by another request and
+  are never re-pruned; the request's own earlier chunks are above it, see ``chunk_ownership``) and
   ``final`` (its prefill ends in this batch: every request except the batch's ``chunked_req``).
   Mixed-in decode requests get no entry, and neither does the re-prefill of a retracted request
   (it already has output tokens): its prompt was pruned at its first prefill (the pruned prompt is
@@ -31,6 +32,7 @@ from typing import Any, List, Optional
 import torch
 
 from sglang_depthkv.core.types import LayerObservation
+from sglang_depthkv.sglang import chunk_ownership
 
 
 @dataclass
@@ -66,14 +68,19 @@ def entries_for_batch(batch) -> List[Optional[ExtendEntry]]:
     out: List[Optional[ExtendEntry]] = []
     for i, req in enumerate(batch.reqs):
         if id(req) in decoding or len(getattr(req, "output_ids", None) or ()) > 0:
+            chunk_ownership.forget(req)
             out.append(None)  # mixed-in decode step, or the re-prefill of a retracted request
             continue
-        own_lo = int(req.cache_protected_len)
         pre = int(prefix_lens[i])
-        if own_lo > pre:
-            raise RuntimeError(f"request {req.rid}: cache_protected_len {own_lo} > prefix length {pre}")
+        if int(req.cache_protected_len) > pre:
+            raise RuntimeError(f"request {req.rid}: cache_protected_len {req.cache_protected_len} > prefix length {pre}")
+        final = req is not chunked
+        own_lo = chunk_ownership.chunk_own_lo(req)
+        if final:
+            own_lo = chunk_ownership.unshared_start(req, own_lo)
+            chunk_ownership.forget(req)
         out.append(ExtendEntry(req=req, rid=str(req.rid), prefix_len=pre, seq_len=seq_lens[i], own_lo=own_lo,
-                               final=req is not chunked))
+                               final=final))
     return out
 
 
@@ -132,6 +139,13 @@ def build_observation(layer: int, local_layer: int, entry: ExtendEntry, st: Chun
     if own_only:
         keys, values = keys[:, own_mask], values[:, own_mask]
         own_cols = torch.arange(m_own)
+        if hidden is not None:
+            # the stash holds the rows of every chunk since the first; own_lo may have moved past some
+            # (``chunk_ownership``): the own segment is always the last m_own rows
+            if hidden.shape[0] < m_own:
+                raise RuntimeError(f"layer {layer}, request {entry.rid}: hidden states of {hidden.shape[0]} rows "
+                                   f"for {m_own} own tokens")
+            hidden = hidden[hidden.shape[0] - m_own:]
     else:
         own_cols = torch.nonzero(own_mask).reshape(-1)
         if hidden is not None and hidden.shape[0] != keys.shape[1]:

@@ -1,8 +1,9 @@
 """End-of-prefill pruning on the SGLang side: per-layer scores -> per-layer keep sets -> freed slots.
 
 The decision is ``PrunePolicy.select``'s, applied to the tokens the request owns (positions
-``[own_lo, n)``, ``own_lo = req.cache_protected_len``: a radix-matched prefix was already pruned by
-the request that inserted it and is never re-pruned), built from the same core functions
+``[own_lo, n)``, ``own_lo`` from ``chunk_ownership``: a radix-matched prefix was already pruned by
+the request that inserted it and is never re-pruned; the request's own earlier chunks of a chunked
+prefill are its own), built from the same core functions
 (``protect``, ``allocator.allocate``, ``select_top``), never re-implemented:
 
 1. ``m = n - own_lo`` own tokens; ``sinks_own`` = how many of the absolute sink positions

@@ -10,18 +10,21 @@ lives in the allocator's mapping, so:
 - ``evict_for_layers(n)`` keeps evicting until every layer has ``n`` free slots (evicting a token
   frees nothing at layers where it was already pruned).
 
-Pruning rule (enforced by ``prune_owned``): a request prunes only the tokens it owns, positions
-``[req.cache_protected_len, seq_len)`` (not in the tree, so no other request can hold them); once a
-segment is inserted into the tree it is never pruned again (another request may hold it). A token a
-layer no longer holds cannot be pruned twice (``DepthKVAllocator.prune`` refuses).
+Pruning rule: a token segment is pruned once, by the request that inserted it, and never while
+another request holds it. A request prunes positions ``[own_lo, seq_len)``: its own tokens, not yet
+in the tree, plus the earlier chunks of its own chunked prefill, which SGLang inserted into the tree
+(``cache_unfinished_req(chunked=True)``) but which only this request holds until its prefill ends
+(``chunk_ownership``: tokens another request inserted, or a node another request matched meanwhile,
+are excluded). ``prune_owned`` enforces the bound; a token a layer no longer holds cannot be pruned
+twice (``DepthKVAllocator.prune`` refuses). Once the request's prefill ends, its prompt is a pruned
+tree segment and is never pruned again.
 
-Chunked prefill: intermediate chunks are inserted into the tree exactly as in vanilla SGLang
-(``cache_unfinished_req(chunked=True)``), so they become tree-owned (``cache_protected_len`` moves
-past them) and, by the rule above, are never pruned; a chunked request prunes only its last chunk
-(plus its decode tokens). A ChunkCache-like variant that kept the chunks request-owned (to prune the
-whole prompt once) was tried and dropped: under per-layer pressure, a retracted request's chunked
-re-prefill then produced wrong final-token logits (tests/sglang/test_engine_e2e.py pressure run,
-cause not found in the time available), while vanilla insertion matches transformers exactly.
+Chunked prefill: intermediate chunks are inserted into the tree exactly as in vanilla SGLang, so
+scheduling, locking and retraction are vanilla's; at the final chunk the request prunes its whole
+own prompt, the same decision as an unchunked prefill of that prompt (the earlier chunks' window
+queries and, for KVzip gates, their attention inputs are stashed on the request between chunks,
+``observations.ChunkStash``). ``cache_unfinished_req`` additionally records, for
+``chunk_ownership``, which positions of a chunk the tree already held.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
+from sglang_depthkv.sglang import chunk_ownership
 from sglang_depthkv.sglang.allocator import DepthKVAllocator
 
 
@@ -45,10 +49,23 @@ class DepthKVRadixCache(RadixCache):
         if self.page_size != 1:
             raise ValueError(f"DepthKVRadixCache: page_size {self.page_size} not supported (1 only)")
 
-    # --- pruning (the only entry for issue 7) --------------------------------------------------------
-    def prune_owned(self, req, layers, positions_per_layer: Sequence[torch.Tensor]) -> List[int]:
-        """Prune request-relative positions at layers; positions must be request-owned."""
+    # --- chunked prefill ownership ----------------------------------------------------------------------
+    def cache_unfinished_req(self, req, chunked=False):
+        if self.disable or getattr(req, chunk_ownership.OWN_LO_ATTR, None) is None:
+            return super().cache_unfinished_req(req, chunked=chunked)
         lo = int(req.cache_protected_len)
+        row = self.req_to_token_pool.req_to_token[req.req_pool_idx]
+        before = row[lo:len(req.get_fill_ids())].clone()
+        super().cache_unfinished_req(req, chunked=chunked)
+        chunk_ownership.note_chunk_insert(req, before, lo, row[lo:int(req.cache_protected_len)])
+
+    # --- pruning ---------------------------------------------------------------------------------------
+    def prune_owned(self, req, layers, positions_per_layer: Sequence[torch.Tensor]) -> List[int]:
+        """Prune request-relative positions at layers; positions must be request-owned
+        (``>= own_lo`` of ``chunk_ownership`` while the request is in a chunked prefill, else
+        ``>= cache_protected_len``)."""
+        own = getattr(req, chunk_ownership.OWN_LO_ATTR, None)
+        lo = int(req.cache_protected_len if own is None else own)
         hi = int(req.kv_committed_len) if getattr(req, "kv_committed_len", None) is not None else None
         ids = []
         row = self.req_to_token_pool.req_to_token[req.req_pool_idx]

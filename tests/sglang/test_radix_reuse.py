@@ -87,8 +87,10 @@ def test_pruned_prefix_is_reused_bit_for_bit():
     assert check(alloc, tree) == []
 
 
-def test_chunked_prefill_chunks_become_tree_owned_and_are_never_pruned():
-    """Intermediate chunks are inserted (vanilla SGLang); the pruning rule then protects them."""
+def test_chunked_prefill_chunks_enter_the_tree_as_in_vanilla():
+    """Intermediate chunks are inserted (vanilla SGLang) and ``cache_protected_len`` moves past them.
+    Unless the request's chunk ownership was recorded at its first chunk (the ForwardBatch hook does,
+    ``chunk_ownership``; tested in test_chunk_ownership.py), tree-resident positions are refused."""
     pool, alloc, r2t, tree = build(capacities=(16, 8, 8), size=16)
     tokens = list(range(1, 9))
     req = make_req("C", tokens, r2t, tree)

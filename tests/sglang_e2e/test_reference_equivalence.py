@@ -8,9 +8,9 @@ pruned), decode-time pruning (``kv_decode_interval``: every pruning event's drop
 reference's ``DecodePruner`` events), and a radix hit on a pruned prefix (the hit request's own suffix is too short to prune:
 reference = extension of the pruned cache).
 
-Not here: chunked prefill. Since integration I's f9af11a, intermediate chunks are inserted into the
-tree (tree-owned, never pruned), so a chunked request prunes only its final chunk and is not
-equal to the reference's whole-prompt decision."""
+Chunked prefill (``CHUNKED``, chunks of 16 tokens): the earlier chunks enter the radix tree as in
+vanilla SGLang, and the final chunk prunes the whole prompt, equal to the reference's unchunked
+decision (``sglang/chunk_ownership.py``)."""
 
 import json
 import math
@@ -50,7 +50,9 @@ RUNS = [  # name, arch, policy, budget, extra engine kwargs
     ("qwen3-kvzip-decode", "qwen3", "kvzip", 0.5, {"kv_decode_interval": 6}),
     ("llama-snapkv-decode", "llama", "snapkv", 0.4, {"kv_decode_interval": 4}),
 ]
-CHUNKED = ("llama-snapkv-chunked", "llama", "snapkv", 0.4, {"chunked_prefill_size": 16})
+CHUNKED = [("llama-snapkv-chunked", "llama", "snapkv", 0.4, {"chunked_prefill_size": 16}),
+           ("llama-kvzip-chunked", "llama", "kvzip", 0.4, {"chunked_prefill_size": 16}),  # stashed attention inputs
+           ("qwen3-laprox-chunked", "qwen3", "laprox", 0.3, {"chunked_prefill_size": 16})]
 
 
 def write_profile(path, identity):
@@ -85,7 +87,7 @@ def setup(tmp_path_factory):
         files[a] = {"profile": write_profile(root / f"{a}-profile.json", ref.identity),
                     "gates": write_gates(root / f"{a}-gates.safetensors", ref.identity, seed=7)}
     spec = {"runs": []}
-    for name, arch, policy, budget, extra in RUNS + [CHUNKED]:
+    for name, arch, policy, budget, extra in RUNS + CHUNKED:
         kw = {"kv_policy": policy, "kv_budget": budget, "kv_sinks": SINKS, "kv_window": WINDOW, **extra}
         if policy == "depthkv":
             kw["kv_profile"] = files[arch]["profile"]
@@ -177,33 +179,33 @@ def test_keep_sets_and_tokens_equal_reference(setup, name, arch, policy, budget,
     assert pruned_somewhere
 
 
-def test_chunked_prefill_prunes_only_the_request_owned_final_chunk(setup):
-    """Chunked prefill (chunk budget 16 tokens per batch): earlier chunks are tree-owned (integration I),
-    so each request prunes only its final chunk ``[own_lo, n)``, with the budget of that segment
-    (``total_keep(m, L, b, sinks inside it, window)``), and the window queries of the final chunk."""
-    from sglang_depthkv.core.budgets.base import total_keep
-
-    r = setup["res"][CHUNKED[0]]
-    split = 0
+@pytest.mark.parametrize("name, arch, policy, budget, extra", CHUNKED, ids=[r[0] for r in CHUNKED])
+def test_chunked_prefill_equals_unchunked_reference(setup, name, arch, policy, budget, extra):
+    """Chunked prefill (chunk budget 16 tokens per batch, so every prompt but the shortest is split and
+    its earlier chunks enter the radix tree before the last one runs): at its final chunk each request
+    prunes its whole own prompt (``sglang/chunk_ownership.py``), so the per-layer kept sets, greedy
+    tokens and log-probs equal the HF reference's single unchunked prefill of the same prompt."""
+    r = setup["res"][name]
+    ref = setup["refs"][arch]
+    pol = reference_policy(setup, arch, policy, budget)
+    got = r["batches"][0]
+    split = pruned = 0
     for key, ids in PROMPTS.items():
-        rows = kept_by_layer(r["keep"], f"{CHUNKED[0]}-{key}")
-        assert len(rows) == 4
-        n, lo = len(ids), rows[0]["own_lo"]
-        assert all(row["seq_len"] == n and row["own_lo"] == lo for row in rows)
-        assert 0 < n - lo <= 16  # the chunk budget (16 tokens per batch) may split even a short prompt
-        split += lo > 0
-        m = n - lo
-        sinks = max(0, min(SINKS - lo, m))
-        kept = [row["kept"] for row in rows]
-        assert all(k == sorted(k) and (not k or (k[0] >= lo and k[-1] < n)) for k in kept)
-        assert all(row["freed"] == m - len(k) for row, k in zip(rows, kept))
-        if m > sinks + WINDOW:
-            assert rows[0]["pruned"] and sum(map(len, kept)) == total_keep(m, 4, 0.4, sinks, WINDOW)
-            assert all(set(range(n - WINDOW, n)) <= set(k) for k in kept)
-        else:
-            assert not rows[0]["pruned"] and all(k == list(range(lo, n)) for k in kept)
-        assert len(r["batches"][0][f"{CHUNKED[0]}-{key}"]["tokens"]) == STEPS
-    assert split >= 3
+        rid = f"{name}-{key}"
+        keep, tokens, chosen, _ = reference_run(ref, pol, ids)
+        rows = kept_by_layer(r["keep"], rid)
+        assert [x["layer"] for x in rows] == list(range(ref.num_layers)), f"{rid}: dump rows {len(rows)}"
+        for l, row in enumerate(rows):
+            assert row["own_lo"] == 0 and row["seq_len"] == len(ids), (rid, row["own_lo"])
+            assert row["kept"] == keep[l].tolist(), f"{rid} layer {l}: kept sets differ"
+            assert row["freed"] == len(ids) - len(keep[l])
+        assert rows[0]["pruned"] == pol.prunes(len(ids)), rid
+        pruned += rows[0]["pruned"]
+        split += len(ids) > 16
+        assert got[rid]["tokens"] == tokens, f"{rid}: greedy tokens differ"
+        diff = max(abs(a - b) for a, b in zip(got[rid]["logprobs"], chosen))
+        assert diff <= LOGPROB_TOL, f"{rid}: chosen-token log-probs differ by {diff}"
+    assert split >= 3 and pruned >= 3
 
 
 def test_pruning_changes_the_answer(setup):
