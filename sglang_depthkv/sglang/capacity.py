@@ -6,8 +6,8 @@ tokens ``req_to_token`` / the radix tree may hold). Layer l has its own slot spa
     C_l(N) = min(N, ceil(f_l * N) + H)
 
 where f_l is the layer's keep fraction (from the policy's layer-budget allocator; mean = budget) and
-H is the per-layer headroom for tokens not yet pruned (a prefill chunk in flight: every new token
-holds a slot at every layer until its request's scores are known). The bytes charged are
+H is the per-layer headroom for tokens not yet pruned (every new token holds a slot at every layer
+until its request's scores are known; see ``default_headroom``). The bytes charged are
 
     KV:        sum_l (C_l + 1) * cell_l           (+1: slot 0 is the dummy write target)
     metadata:  mapping int32 [L, N + 2]           (logical -> layer slot, 0 = not held)
@@ -164,7 +164,9 @@ def policy_layer_fractions(settings, num_layers: int, hf_config=None) -> List[fl
 
 
 def default_headroom(chunked_prefill_size: Optional[int], context_len: int, window: int, sinks: int) -> int:
-    """Tokens per layer not yet pruned: one prefill chunk in flight (the whole context when chunked
-    prefill is off), at least sinks + window."""
+    """Per-layer headroom for tokens not yet pruned: one prefill chunk (the whole context when chunked
+    prefill is off), at least sinks + window. A sizing choice, not a bound: a chunked prompt holds a
+    slot at every layer for each of its chunks until its final chunk prunes it (``chunk_ownership``);
+    when a layer is short, per-layer admission makes the scheduler evict, wait or retract."""
     chunk = chunked_prefill_size if chunked_prefill_size and chunked_prefill_size > 0 else context_len
     return int(max(chunk, sinks + window))
