@@ -12,10 +12,10 @@ from ``ReferenceModel.decode`` run by run is float32 rounding of the batched mat
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
+
+from sglang_depthkv.core.reference.hf_model import attention_implementation
 
 ATTN_IMPLEMENTATION = "depthkv_batched_decode"
 STATE_KWARG = "depthkv_batch_state"
@@ -76,19 +76,6 @@ def register() -> str:
     return ATTN_IMPLEMENTATION
 
 
-@contextlib.contextmanager
-def _implementation(model, impl: str):
-    cfgs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
-    saved = {k: c._attn_implementation for k, c in cfgs.items()}
-    try:
-        for c in cfgs.values():
-            c._attn_implementation = impl
-        yield
-    finally:
-        for k, c in cfgs.items():
-            c._attn_implementation = saved[k]
-
-
 @torch.no_grad()
 def batched_greedy(ref, prefill, keeps, max_new_tokens: int, done=None):
     """Greedy tokens for every run (``keeps[b]``: per-layer keep sets, or None for the full cache).
@@ -105,7 +92,7 @@ def batched_greedy(ref, prefill, keeps, max_new_tokens: int, done=None):
     finished = [bool(done and done(t)) for t in toks]
     impl = register()
     step = 0
-    with _implementation(ref.model, impl):
+    with attention_implementation(ref.model, impl):
         while step < max_new_tokens - 1 and not all(finished):
             cur = torch.tensor([[t[-1]] for t in toks], dtype=torch.int64)
             pos = torch.full((B, 1), n + step, dtype=torch.int64)

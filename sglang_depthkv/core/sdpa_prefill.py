@@ -14,13 +14,11 @@ Decoding over the pruned cache stays on ``ReferenceModel.decode``.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from .reference import FullPrefill, ReferenceModel
-from .reference.hf_model import decoder_layers
+from .reference.hf_model import attention_implementation, decoder_layers
 from .types import LayerObservation
 
 ATTN_IMPLEMENTATION = "depthkv_sdpa_prefill"
@@ -54,19 +52,6 @@ def register() -> str:
     return ATTN_IMPLEMENTATION
 
 
-@contextlib.contextmanager
-def _implementation(model, impl: str):
-    cfgs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
-    saved = {k: c._attn_implementation for k, c in cfgs.items()}
-    try:
-        for c in cfgs.values():
-            c._attn_implementation = impl
-        yield
-    finally:
-        for k, c in cfgs.items():
-            c._attn_implementation = saved[k]
-
-
 @torch.no_grad()
 def sdpa_prefill(ref: ReferenceModel, input_ids, window: int = 32, capture_hidden: bool = True) -> FullPrefill:
     """``ReferenceModel.prefill`` semantics with SDPA attention (see the module docstring)."""
@@ -93,7 +78,7 @@ def sdpa_prefill(ref: ReferenceModel, input_ids, window: int = 32, capture_hidde
             hooks.append(layer.input_layernorm.register_forward_hook(hook))
     impl = register()
     try:
-        with _implementation(ref.model, impl):
+        with attention_implementation(ref.model, impl):
             pos = torch.arange(ids.shape[0], dtype=torch.int64)[None]
             # logits of the last position only: the full [n, vocab] float32 logits are 1.6 GB at 8k
             out = ref.model.model(input_ids=ids[None], position_ids=pos, use_cache=False, **{CAPTURE_KWARG: cap})

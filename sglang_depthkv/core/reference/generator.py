@@ -14,7 +14,6 @@ Conventions (the SGLang path follows the same ones):
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -23,7 +22,7 @@ import torch
 from ..types import LayerObservation, ModelIdentity
 from .attention import STATE_KWARG, AttentionState, register
 from .cache import PrunedCache
-from .hf_model import check_supported, decoder_layers, model_identity, o_proj_weights
+from .hf_model import attention_implementation, check_supported, decoder_layers, model_identity, o_proj_weights
 
 
 @dataclass
@@ -83,17 +82,8 @@ class ReferenceModel:
         self._impl = register()
         self._o_proj = o_proj_weights(model)
 
-    @contextlib.contextmanager
     def _reference_attention(self):
-        cfgs = {id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}
-        saved = {k: c._attn_implementation for k, c in cfgs.items()}
-        try:
-            for c in cfgs.values():
-                c._attn_implementation = self._impl
-            yield
-        finally:
-            for k, c in cfgs.items():
-                c._attn_implementation = saved[k]
+        return attention_implementation(self.model, self._impl)
 
     @torch.no_grad()
     def _forward(self, state: AttentionState, ids: torch.Tensor, start: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ reference attention function relies on the Llama-family attention layout (``self
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -97,3 +98,18 @@ def load_tokenizer(path, gguf_file: Optional[str] = None):
             f"no usable tokenizer in {path} ({type(exc).__name__}: {exc}); "
             "use --tokenizer bytes for tokenizer-less models"
         ) from exc
+
+
+@contextlib.contextmanager
+def attention_implementation(model, impl: str):
+    """Run ``model`` with the registered attention implementation ``impl`` (every sub-config's
+    ``_attn_implementation``), restoring the previous ones afterwards."""
+    cfgs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    saved = {k: c._attn_implementation for k, c in cfgs.items()}
+    try:
+        for c in cfgs.values():
+            c._attn_implementation = impl
+        yield
+    finally:
+        for k, c in cfgs.items():
+            c._attn_implementation = saved[k]
