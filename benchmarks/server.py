@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -105,7 +106,8 @@ class SGLangServer:
         return env
 
     # --- life cycle -------------------------------------------------------------------------------
-    def start(self) -> "SGLangServer":
+    def start(self, wait: bool = True) -> "SGLangServer":
+        """Launch the server; with ``wait`` (default) block until it answers (``wait_ready``)."""
         if self.proc is not None:
             raise ServerError("server already started")
         if self.on_cpu and "--max-total-tokens" not in self.args:
@@ -119,6 +121,8 @@ class SGLangServer:
             out = self._log
         self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        if not wait:
+            return self
         try:
             self.wait_ready()
         except BaseException:
@@ -137,6 +141,23 @@ class SGLangServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 time.sleep(1.0)
         raise ServerError(f"server not ready after {self.start_timeout:.0f} s\n{self.log_tail()}")
+
+    def wait_for_log(self, pattern: str, timeout: float) -> "re.Match":
+        """Block until the server log matches the regex ``pattern`` (e.g. a start-up line printed before
+        the server is ready); ServerError if the server exits or ``timeout`` passes first."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + float(timeout)
+        while True:
+            text = self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
+            m = rx.search(text)
+            if m:
+                return m
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with {self.proc.returncode} before logging {pattern!r}\n"
+                                  f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ServerError(f"{pattern!r} not in the server log after {timeout:.0f} s\n{self.log_tail()}")
+            time.sleep(0.5)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -1,0 +1,53 @@
+"""Equal KV bytes for vanilla and the plugin when vanilla's pool is pinned to T tokens.
+
+SGLang turns a KV byte budget B into ``B // cell`` vanilla tokens (``DefaultPoolConfigurator``;
+``cell`` = kv_heads x (k + v head dims) x layers x dtype bytes), and ``--max-total-tokens`` only caps
+that count. To give every server the same bytes as a vanilla pool of T tokens, B = T x cell, and the
+plugin server gets ``--max-total-tokens N`` with N its own pool plan's logical capacity for B
+(``sglang_depthkv.sglang.capacity.plan_for_bytes``: per-layer capacities, headroom, mapping and free
+lists all inside B). The server then builds exactly that plan (``plan_for_tokens(N)``); the run
+checks the capacity table it logs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from benchmarks.throughput.model_files import dtype_bytes, head_dim, hf_config_view, kv_heads
+
+
+def kv_cell_bytes(cfg: dict, dtype: Optional[str] = None) -> int:
+    """SGLang's per-token KV cell (all layers), MHA/GQA: kv_heads * (head_dim + v_head_dim) * L * bytes."""
+    return kv_heads(cfg) * 2 * head_dim(cfg) * int(cfg["num_hidden_layers"]) * dtype_bytes(cfg, dtype)
+
+
+def plugin_fractions(policy: str, budget: float, profile: Optional[str], cfg: dict) -> list:
+    from sglang_depthkv.sglang.capacity import policy_layer_fractions
+    from sglang_depthkv.sglang.config import parse_settings
+
+    raw = {"kv_policy": policy, "kv_budget": budget}
+    if policy == "depthkv":
+        raw["kv_profile"] = profile
+    settings = parse_settings(raw)
+    return policy_layer_fractions(settings, int(cfg["num_hidden_layers"]), hf_config_view(cfg))
+
+
+def headroom(chunked_prefill_size: Optional[int], context_len: int, window: int = None, sinks: int = None) -> int:
+    from sglang_depthkv.sglang.capacity import default_headroom
+    from sglang_depthkv.sglang.config import DEFAULT_SINKS, DEFAULT_WINDOW
+
+    return default_headroom(chunked_prefill_size, int(context_len), DEFAULT_WINDOW if window is None else window,
+                            DEFAULT_SINKS if sinks is None else sinks)
+
+
+def equal_bytes_plan(vanilla_tokens: int, policy: str, budget: float, profile: Optional[str], cfg: dict,
+                     chunked_prefill_size: Optional[int], context_len: int, dtype: Optional[str] = None):
+    """The plugin's ``CapacityPlan`` for the bytes of a vanilla pool of ``vanilla_tokens`` tokens."""
+    from sglang_depthkv.sglang.capacity import plan_for_bytes
+
+    if not isinstance(vanilla_tokens, int) or vanilla_tokens < 1:
+        raise ValueError(f"--vanilla-kv-tokens must be a positive integer, got {vanilla_tokens!r}")
+    cell = kv_cell_bytes(cfg, dtype)
+    L = int(cfg["num_hidden_layers"])
+    return plan_for_bytes(vanilla_tokens * cell, plugin_fractions(policy, budget, profile, cfg),
+                          headroom(chunked_prefill_size, context_len), cell // L)
