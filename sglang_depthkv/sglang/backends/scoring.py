@@ -1,0 +1,255 @@
+"""What every DepthKV attention backend does besides attention: in-forward scoring, end-of-prefill
+pruning and decode-time pruning, the same for all backends (``torch_native``, ``triton``).
+
+``DepthKVScoringMixin`` goes before SGLang's backend class in the bases. The backend:
+
+- calls ``_init_scoring(model_runner)`` in ``__init__`` (after SGLang's ``__init__``);
+- calls ``_begin_forward(forward_batch)`` in its eager ``init_forward_metadata``: it claims the
+  ``ForwardBatch.init_new`` hook's request entries (extend) or the decode batch's requests
+  (``--kv-decode-interval``), refusing a batch whose hook did not run;
+- in ``forward_extend``, per layer and per request: ``_score_request(scoring, i, layer, q_req,
+  start, m, held_kv)`` where ``held_kv()`` returns the layer's held positions / keys / values of the
+  request *after* this batch's K/V were written (the observation's tokens), then ``_end_extend_layer``
+  (after the last layer: ``pruning.select_own`` -> ``DepthKVAllocator.prune``);
+- in ``forward_decode``, per layer: ``_feed_decode(layer, q)`` then ``_end_decode_layer`` (after the
+  last layer: the due decode-time pruning events).
+
+Held keys/values are gathered from the layer's physical buffer through the held slots
+(``_held_kv``) and cast to the query dtype, so every backend hands the core scorers the same
+tensors. Positions of a request's tokens are ``req_to_token`` row indices, never KV indices.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from sglang.srt.layers.radix_attention import AttentionType
+
+from sglang_depthkv.sglang import decode_pruning as DP
+from sglang_depthkv.sglang import observations as O
+from sglang_depthkv.sglang import pruning as P
+from sglang_depthkv.sglang.pool import DepthKVPool
+
+HeldKV = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # positions [n], keys / values [kvh, n, d]
+
+
+class ForwardScoring:
+    """Per-forward scoring state: the entries, their stashes and per-layer own-token scores."""
+
+    def __init__(self, entries, num_layers):
+        self.entries = entries
+        self.stashes = [None if e is None else O.get_stash(e, num_layers) for e in entries]
+        self.scores: Dict[int, List[Optional[torch.Tensor]]] = {
+            i: [None] * num_layers for i, e in enumerate(entries) if e is not None and e.final
+        }
+
+
+class DepthKVScoringMixin:
+    """Scoring / pruning state and steps shared by the DepthKV attention backends."""
+
+    def _init_scoring(self, model_runner) -> None:
+        if not isinstance(self.token_to_kv_pool, DepthKVPool):
+            raise TypeError(f"{type(self).__name__} needs a DepthKVPool, got {type(self.token_to_kv_pool).__name__}")
+        self.model_runner = model_runner
+        self.allocator = model_runner.token_to_kv_pool_allocator
+        self.policy = None
+        self._needs_hidden = False
+        self._hidden: Dict[int, torch.Tensor] = {}
+        self._hooks = []
+        self._scoring: Optional[ForwardScoring] = None
+        self._decode_reqs = None  # requests of the current decode batch (decode-time pruning)
+        self.decode_interval = 0
+        self.prune_log: List[P.PruneRecord] = []  # last records (debug), bounded
+        from sglang_depthkv.sglang.config import settings_of
+
+        settings = settings_of(model_runner.server_args)
+        if settings is not None and settings.prunes:
+            self.policy = build_policy(settings, model_runner)
+            self.decode_interval = int(settings.decode_interval)
+            if self.decode_interval and self.policy.window < 1:
+                raise ValueError("--kv-decode-interval: decode-time pruning needs --kv-window >= 1")
+            gates = getattr(self.policy.scorer, "gates", None)
+            self._needs_hidden = bool(gates is not None and gates.spec.use_hidden)
+
+    # --- model access ---------------------------------------------------------------------------
+    def _layer_module(self, layer_id: int):
+        return self.model_runner.model.model.layers[layer_id]
+
+    def _o_proj_weight(self, layer_id: int) -> torch.Tensor:
+        return self._layer_module(layer_id).self_attn.o_proj.weight
+
+    def _install_hidden_hooks(self):
+        """Forward pre-hooks on each layer's ``self_attn`` that keep its input (the attention input
+        after the input norm) for the gate scorer of the same layer."""
+        if self._hooks or not self._needs_hidden:
+            return
+        pool = self.token_to_kv_pool
+        for layer_id in range(pool.start_layer, pool.start_layer + pool.layer_num):
+            def pre(_mod, args, kwargs, layer_id=layer_id):
+                h = kwargs.get("hidden_states", args[1] if len(args) > 1 else None)
+                if h is None:
+                    raise RuntimeError(f"layer {layer_id}: self_attn was called without hidden_states")
+                self._hidden[layer_id] = h
+            self._hooks.append(self._layer_module(layer_id).self_attn.register_forward_pre_hook(pre, with_kwargs=True))
+
+    # --- layers and held tokens -------------------------------------------------------------------
+    def _check_layer(self, layer):
+        name = type(self).__name__
+        if layer.is_cross_attention or layer.attn_type == AttentionType.ENCODER_ONLY:
+            raise NotImplementedError(f"{name}: only causal decoder self-attention")
+        if layer.sliding_window_size is not None and layer.sliding_window_size > -1:
+            raise NotImplementedError(f"{name}: sliding-window layers are refused at start-up")
+
+    def _is_last_layer(self, layer) -> bool:
+        pool = self.token_to_kv_pool
+        return layer.layer_id == pool.start_layer + pool.layer_num - 1
+
+    def _held(self, layer_id: int, req_pool_idx: int, seq_len: int):
+        """Held positions (int64, ascending) and their slots at ``layer_id`` for one request row."""
+        rows = self.req_to_token_pool.req_to_token[int(req_pool_idx), :seq_len]
+        slots = self.token_to_kv_pool.translate(layer_id, rows)
+        held = slots > 0
+        return torch.nonzero(held).reshape(-1), slots[held]
+
+    @staticmethod
+    def _gather_kv(k_cache, v_cache, slots, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keys / values ``[kvh, n, d]`` at ``slots`` of a layer buffer, in ``dtype``."""
+        keys = k_cache[slots].movedim(0, 1)
+        values = v_cache[slots].movedim(0, 1)
+        if keys.dtype != dtype:
+            keys, values = keys.to(dtype), values.to(dtype)
+        return keys, values
+
+    def _held_kv(self, layer_id: int, req_pool_idx: int, seq_len: int, dtype) -> HeldKV:
+        kpos, slots = self._held(layer_id, req_pool_idx, seq_len)
+        k_cache, v_cache = self.token_to_kv_pool.get_kv_buffer(layer_id)
+        keys, values = self._gather_kv(k_cache, v_cache, slots, dtype)
+        return kpos, keys, values
+
+    # --- per forward --------------------------------------------------------------------------------
+    def _begin_forward(self, forward_batch) -> None:
+        """Claim the hook's entries (extend) / requests (decode) for this forward (eager path)."""
+        self._scoring = None
+        self._decode_reqs = None
+        if self.policy is None:
+            return
+        if forward_batch.forward_mode.is_decode():
+            reqs = getattr(self.model_runner, "depthkv_pending_decode_reqs", None)
+            self.model_runner.depthkv_pending_decode_reqs = None
+            if self.decode_interval:
+                if reqs is None or len(reqs) != forward_batch.batch_size:
+                    raise RuntimeError("DepthKV: decode batch without its requests (the ForwardBatch.init_new hook "
+                                       "did not run); refusing to skip decode-time pruning silently")
+                self._install_hidden_hooks()
+                self._decode_reqs = reqs
+            return
+        if not forward_batch.forward_mode.is_extend():
+            return
+        entries = getattr(self.model_runner, "depthkv_pending_entries", None)
+        self.model_runner.depthkv_pending_entries = None
+        if entries is None:
+            raise RuntimeError("DepthKV: extend batch without request entries (the ForwardBatch.init_new hook "
+                               "did not run); refusing to skip pruning silently")
+        seq = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
+        if len(entries) != len(seq) or any(e is not None and e.seq_len != s for e, s in zip(entries, seq)):
+            raise RuntimeError(f"DepthKV: request entries {[None if e is None else e.seq_len for e in entries]} "
+                               f"do not match the forward batch's sequence lengths {seq}")
+        self._install_hidden_hooks()
+        self._scoring = ForwardScoring(entries, self.token_to_kv_pool.layer_num)
+
+    # --- end-of-prefill scoring and pruning -----------------------------------------------------------
+    def _score_request(self, scoring: ForwardScoring, i: int, layer, q_req: torch.Tensor, start: int, m: int,
+                       held_kv: Callable[[], HeldKV]) -> None:
+        """Request ``i`` of an extend batch at one layer: q_req ``[qh, m, d]`` (its new tokens, rows
+        ``start .. start+m`` of the batch); ``held_kv()`` is called only when an observation is built."""
+        entry = scoring.entries[i]
+        if entry is None:
+            return
+        local = layer.layer_id - self.token_to_kv_pool.start_layer
+        st = scoring.stashes[i]
+        h = None
+        if self._needs_hidden:
+            h = self._hidden[layer.layer_id][start:start + m]
+        if not entry.final:
+            O.stash_chunk(st, local, q_req, h, self.policy.window)
+            return
+        if not self._segment_prunes(entry):
+            return
+        kpos, keys, values = held_kv()
+        obs, own_cols = O.build_observation(
+            layer.layer_id, local, entry, st, kpos, keys, values, q_req, h, layer.scaling,
+            self._o_proj_weight(layer.layer_id), self.policy.window, own_only=self.policy.scorer.query_agnostic,
+        )
+        from sglang_depthkv.core.selection import token_scores
+
+        scoring.scores[i][local] = token_scores(self.policy.scorer.score(obs))[own_cols]
+
+    def _segment_prunes(self, entry) -> bool:
+        m = entry.seq_len - entry.own_lo
+        return self.policy.budget < 1.0 and m > P.sinks_in_segment(self.policy.sinks, entry.own_lo, m) + self.policy.window
+
+    def _end_extend_layer(self, scoring: Optional[ForwardScoring], layer) -> None:
+        if scoring is not None and self._is_last_layer(layer):
+            self._finish(scoring)
+
+    def _finish(self, scoring: ForwardScoring):
+        for i, entry in enumerate(scoring.entries):
+            if entry is None:
+                continue
+            if not entry.final:
+                scoring.stashes[i].upto = entry.seq_len
+                continue
+            O.clear_stash(entry)
+            keep = None
+            if self._segment_prunes(entry):
+                keep = P.select_own(self.policy, P.own_token_scores(scoring.scores[i]), entry.own_lo)
+            rec = P.PruneRecord(rid=entry.rid, own_lo=entry.own_lo, seq_len=entry.seq_len, keep=keep)
+            P.apply_prune(self.allocator, self.req_to_token_pool.req_to_token, entry.req.req_pool_idx, rec)
+            P.dump_keep(rec)
+            self.prune_log = (self.prune_log + [rec])[-64:]
+        self._scoring = None
+        self._hidden.clear()
+
+    # --- decode-time pruning --------------------------------------------------------------------------
+    def _feed_decode(self, layer, q: torch.Tensor) -> None:
+        """Record each decode request's query ``q [bs, qh, d]`` (and attention input) at this layer."""
+        if self._decode_reqs is None:
+            return
+        local = layer.layer_id - self.token_to_kv_pool.start_layer
+        for i, req in enumerate(self._decode_reqs):
+            st = DP.state_of(req, self.token_to_kv_pool.layer_num)
+            h = self._hidden[layer.layer_id][i:i + 1] if self._needs_hidden else None
+            DP.record_feed(st, local, q[i:i + 1].movedim(0, 1), h, layer.scaling)
+
+    def _end_decode_layer(self, layer, seq_lens) -> None:
+        if self._decode_reqs is not None and self._is_last_layer(layer):
+            self._finish_decode(seq_lens)
+
+    def _finish_decode(self, seq_lens):
+        for req, seq in zip(self._decode_reqs, seq_lens):
+            st = DP.state_of(req, self.token_to_kv_pool.layer_num)
+            while DP.prune_due(st, int(seq), self.decode_interval, self.policy.window):
+                DP.prune_segment(st, self.policy, self.decode_interval, req, self.req_to_token_pool.req_to_token,
+                                 self.token_to_kv_pool, self.allocator, self._o_proj_weight, int(seq))
+        self._decode_reqs = None
+        self._hidden.clear()
+
+
+def build_policy(settings, model_runner):
+    """The core ``PrunePolicy`` of the ``--kv-*`` settings (profile / gates loaded against the model)."""
+    from sglang_depthkv.core.policy import make_policy
+    from sglang_depthkv.core.types import ModelIdentity
+
+    identity = ModelIdentity.from_hf_config(model_runner.model_config.hf_config)
+    profile = gates = None
+    if settings.profile is not None:
+        from sglang_depthkv.core.profile import load_profile
+
+        profile = load_profile(settings.profile, identity)
+    if settings.gates is not None:
+        from sglang_depthkv.core.gates import load_gates
+
+        gates = load_gates(settings.gates, identity)
+    return make_policy(settings.policy, settings.budget, profile=profile, gates=gates, sinks=settings.sinks,
+                       window=settings.window)
