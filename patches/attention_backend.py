@@ -1,4 +1,5 @@
-"""Hook: the attention-backend factory returns the mapping-aware backend under --kv-policy."""
+"""Hook: the attention-backend factory returns the mapping-aware backend of the requested name
+(``torch_native`` or ``triton``) under --kv-policy; any other name is refused by name."""
 
 import logging
 
@@ -18,8 +19,11 @@ def build_backend_around(orig, *args, **kwargs):
         raise ValueError(f"--attention-backend: {name!r} not supported with --kv-policy; "
                          f"supported: {', '.join(SUPPORTED_ATTENTION_BACKENDS)}")
     runner.init_new_workspace = kwargs.get("init_new_workspace", False)
-    from sglang_depthkv.sglang.backends.torch_native import DepthKVTorchNativeAttnBackend
+    if name == "triton":
+        from sglang_depthkv.sglang.backends.triton import DepthKVTritonAttnBackend as backend_cls
+    else:
+        from sglang_depthkv.sglang.backends.torch_native import DepthKVTorchNativeAttnBackend as backend_cls
 
-    backend = DepthKVTorchNativeAttnBackend(runner)
+    backend = backend_cls(runner)
     logging.getLogger("sglang_depthkv").info("sglang-depthkv: attention backend %s", type(backend).__name__)
     return backend

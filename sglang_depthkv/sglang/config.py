@@ -34,7 +34,7 @@ DEFAULT_WINDOW = 32
 DEFAULT_DECODE_INTERVAL = 0  # 0: prune at the end of prefill only
 
 # Attention backends whose reads go through the per-layer mapping (sglang/backends/).
-SUPPORTED_ATTENTION_BACKENDS = ("torch_native",)
+SUPPORTED_ATTENTION_BACKENDS = ("torch_native", "triton")  # [0] is the default under --kv-policy
 # Model architectures whose every layer is plain full attention with an MHA/GQA KV cache.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _MODEL_DTYPE_KV = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", None)

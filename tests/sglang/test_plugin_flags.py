@@ -136,7 +136,7 @@ def test_cli_unknown_policy_is_an_argparse_error(plugins, llama, capsys):
         (["--kv-policy", "kvzip", "--kv-budget", "0.3"], "--kv-gates"),
         (["--kv-policy", "depthkv", "--kv-budget", "0.3"], "--kv-profile"),
         (["--kv-policy", "full", "--page-size", "16"], "--page-size"),
-        (["--kv-policy", "full", "--attention-backend", "triton"], "--attention-backend"),
+        (["--kv-policy", "full", "--attention-backend", "flashinfer"], "--attention-backend"),
         (["--kv-policy", "full", "--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
         (["--kv-policy", "full", "--speculative-algorithm", "NGRAM"], "--speculative-algorithm"),
         (["--kv-policy", "full", "--tp-size", "2"], "--tp-size"),

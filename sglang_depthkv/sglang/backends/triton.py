@@ -1,0 +1,239 @@
+"""SGLang's ``triton`` attention backend over per-layer pruned KV (``--attention-backend triton``).
+
+Reads. SGLang's own Triton kernels (``extend_attention_fwd``, ``decode_attention_fwd``) do the
+attention over ``pool.get_key_buffer(layer)`` (the layer's physical buffer); only their page tables
+change: each layer gets its own ``kv_indptr`` / ``kv_indices`` (``layer_indices.LayerIndexStreams``,
+all layers in one ``kernels.build_kv_indices`` launch pair from ``req_to_token``,
+``req_pool_indices``, the lengths and ``pool.mapping``), swapped into ``self.forward_metadata`` for
+the layer's call. Extend: the streams cover the *prefix* (``extend_prefix_lens``): the kernel reads
+the held cached prefix through them and the batch's new tokens from ``k``/``v`` directly (causal
+among them), which is exactly the torch_native backend's rule (a query at position ``p`` sees every
+held key at a position ``<= p``), because every new token is held at every layer (checked once per
+forward: ``check_held``). Decode: the streams cover ``seq_lens``. Positions / RoPE come from the
+model, never from the KV index. Writes go through the mapping in ``DepthKVPool.set_kv_buffer``.
+
+Decode split-K. ``attn_logits`` / ``attn_lse`` are ``[bs, heads, max_kv_splits, ...]``, independent
+of the lengths; the kernels take each row's KV length from the layer's ``kv_indptr`` and skip empty
+splits in both stages. ``num_kv_splits`` is computed per layer (``[L, bs]``) with SGLang's
+``get_num_kv_splits`` on that layer's held counts, so a heavily pruned layer is not split as if it
+held the whole sequence (on CPU, ``device_core_count == 0``, SGLang fills ``max_kv_splits``).
+
+Scoring and pruning: ``scoring.DepthKVScoringMixin`` (the same steps as the torch_native backend).
+After SGLang's kernel has written this batch's K/V and computed the layer's output, each request
+whose prefill ends here gets its observation from the layer's held keys/values gathered through the
+held slots and its window queries; after the last layer ``pruning.select_own`` decides and
+``DepthKVAllocator.prune`` frees the dropped slots. Decode-time pruning records each step's
+queries per layer.
+
+CUDA graphs (decode). ``init_cuda_graph_state`` preallocates per-layer ``[L, max_bs+1]`` indptr,
+``[L, cap]`` int64 indices (``cap = max_bs * min(context_len, largest layer capacity)``: a request
+holds at most that many tokens at a layer; memory ``8 * L * cap`` bytes), ``[L, max_bs]`` held
+counts, ``[L, max_num_tokens]`` ``num_kv_splits`` and SGLang's ``attn_logits`` / ``attn_lse``;
+SGLang's vanilla ``[max_num_tokens * context_len]`` index buffer is not allocated.
+``init_forward_metadata_out_graph`` (capture and replay) refills them in place from the (padded)
+batch with device-side launches only (no host sync, no allocation of what the graph reads); at
+capture it binds ``forward_metadata`` to views of those buffers, so the captured kernels of layer
+``l`` read row ``l``; padded rows read one in-bounds slot (``layer_indices``). Nothing the graph
+replays allocates or syncs: the per-layer swap in ``forward_decode`` is Python attribute assignment
+at capture time. Decode-time pruning (Python per step) is refused with CUDA graphs
+(``--kv-decode-interval`` needs ``--disable-cuda-graph``); prefill graphs / speculative modes are
+refused by name.
+
+Exercised on CPU (TRITON_INTERPRET=1, ``disable_cuda_graph``): the eager extend / decode paths with
+SGLang's kernels in a real Engine (tests/sglang_e2e/test_triton_equivalence.py); the graph
+metadata path without capture: with ``SGLANG_DEPTHKV_TRITON_GRAPH_BUFFERS=1`` eager decode batches
+use the preallocated buffers, bound once per batch size by ``init_forward_metadata_out_graph(...,
+in_capture=True)`` and refilled in place by ``init_forward_metadata_out_graph(...)`` afterwards (one
+Engine run of that test); the buffer fill with padded rows against a plain-torch gather
+(tests/sglang/test_triton_layer_indices.py). Not exercised here: CUDA-graph capture / replay
+itself, ``get_num_kv_splits_triton`` with a real ``device_core_count``, and GPU stream ordering of
+the end-of-prefill mapping update (on CPU the forward is synchronous; see torch_native.py).
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+from sglang.srt.layers.attention.triton_backend import ForwardMetadata, TritonAttnBackend
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from sglang_depthkv.sglang.backends.layer_indices import LayerIndexStreams
+from sglang_depthkv.sglang.backends.scoring import DepthKVScoringMixin
+
+# Tests: eager decode batches go through the CUDA-graph buffers (bound once per batch size as a
+# capture would, refilled in place by init_forward_metadata_out_graph as before a replay).
+GRAPH_BUFFERS_ENV = "SGLANG_DEPTHKV_TRITON_GRAPH_BUFFERS"
+
+_EAGER_MODES = (ForwardMode.EXTEND, ForwardMode.MIXED, ForwardMode.DECODE, ForwardMode.IDLE)
+
+
+def _metadata(**fields) -> ForwardMetadata:
+    base = dict(attn_logits=None, attn_lse=None, max_extend_len=None, num_kv_splits=None, kv_indptr=None,
+                kv_indices=None, qo_indptr=None, custom_mask=None, mask_indptr=None, window_kv_indptr=None,
+                window_kv_indices=None, window_num_kv_splits=None, window_kv_offsets=None)
+    base.update(fields)
+    return ForwardMetadata(**base)
+
+
+class DepthKVTritonAttnBackend(DepthKVScoringMixin, TritonAttnBackend):
+    def __init__(self, model_runner):
+        TritonAttnBackend.__init__(self, model_runner)
+        self._init_scoring(model_runner)
+        name = type(self).__name__
+        if self.dcp_size > 1:
+            raise NotImplementedError(f"{name}: decode context parallelism is not supported")
+        if self.enable_deterministic:
+            raise ValueError("--enable-deterministic-inference: not supported with --kv-policy on the triton backend "
+                             "(its unified extend kernel reads a prefix+new page table built from logical ids)")
+        if self._translate_kv_loc is not None or self.use_sliding_window_kv_pool or self.sliding_window_size:
+            raise NotImplementedError(f"{name}: unified / sliding-window pools are not per-layer DepthKV pools")
+        if self.use_mla:
+            raise NotImplementedError(f"{name}: MLA is refused at start-up")
+        pool = self.token_to_kv_pool
+        self.streams = LayerIndexStreams(pool.mapping, self.req_to_token)
+        self._layer_streams = None  # (indptr [L, bs+1], indices [L, cap], num_kv_splits [L, *] or None)
+        self._graph_splits = None
+        self._graph_bindings = None
+        if os.environ.get(GRAPH_BUFFERS_ENV) == "1":
+            size = self.req_to_token_pool.size
+            self.init_cuda_graph_state(size, size)
+            self._graph_bindings = {}
+
+    # --- metadata (eager) -----------------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch):
+        mode = forward_batch.forward_mode
+        if mode not in _EAGER_MODES or forward_batch.spec_info is not None:
+            raise NotImplementedError(f"{type(self).__name__}: forward mode {mode.name} is not supported "
+                                      "(speculative decoding is refused at start-up)")
+        if mode.is_decode_or_idle():
+            self._init_decode(forward_batch)
+        else:
+            self._init_extend(forward_batch)
+        self._begin_forward(forward_batch)
+
+    def _init_extend(self, fb):
+        bs = fb.batch_size
+        self.streams.check_held(fb.out_cache_loc)
+        prefix_cpu = [int(x) for x in fb.extend_prefix_lens_cpu]
+        indptr, indices, _ = self.streams.build(fb.req_pool_indices, fb.extend_prefix_lens, sum(prefix_cpu))
+        qo_indptr = self.qo_indptr[: bs + 1]
+        qo_indptr[1:] = torch.cumsum(fb.extend_seq_lens, dim=0)
+        self.forward_metadata = _metadata(qo_indptr=qo_indptr, max_extend_len=max(fb.extend_seq_lens_cpu))
+        self._layer_streams = (indptr, indices, None)
+
+    def _init_decode(self, fb):
+        bs = fb.batch_size
+        self.streams.check_held(fb.out_cache_loc, "the decoded token")
+        if self._graph_bindings is not None:
+            return self._init_decode_through_graph_buffers(fb, bs)
+        cap = fb.seq_lens_sum if fb.seq_lens_sum is not None else bs * self.max_context_len
+        indptr, indices, kept = self.streams.build(fb.req_pool_indices, fb.seq_lens, cap)
+        splits = torch.empty((self.streams.num_layers, bs), dtype=torch.int32, device=self.device)
+        self._fill_splits(splits, kept, bs)
+        self.forward_metadata = _metadata(
+            attn_logits=torch.empty((bs, self.num_head, self.max_kv_splits, self.v_head_dim), dtype=torch.float32,
+                                    device=self.device),
+            attn_lse=torch.empty((bs, self.num_head, self.max_kv_splits), dtype=torch.float32, device=self.device),
+        )
+        self._layer_streams = (indptr, indices, splits)
+
+    def _init_decode_through_graph_buffers(self, fb, bs):
+        """``GRAPH_BUFFERS_ENV``: first batch of a size binds the metadata (capture), later ones only
+        refill the buffers (replay) and reuse that binding."""
+        bound = self._graph_bindings.get(bs)
+        if bound is None:
+            self.init_forward_metadata_out_graph(fb, in_capture=True)
+            self._graph_bindings[bs] = (self.forward_metadata, self._layer_streams)
+        else:
+            self.init_forward_metadata_out_graph(fb)
+            self.forward_metadata, self._layer_streams = bound
+
+    def _fill_splits(self, splits, kept, bs):
+        if bs == 0:
+            return
+        for l in range(self.streams.num_layers):
+            self.get_num_kv_splits(splits[l, :bs], kept[l])
+
+    # --- CUDA graphs (decode) -------------------------------------------------------------------------------
+    def init_cuda_graph_state(self, max_bs, max_num_tokens, kv_indices_buf=None, cuda_graph_num_kv_splits_buf=None):
+        if self.decode_interval:
+            raise ValueError("--kv-decode-interval: decode-time pruning records every step's queries in Python and "
+                             "cannot run inside a CUDA graph; add --disable-cuda-graph")
+        if kv_indices_buf is not None or cuda_graph_num_kv_splits_buf is not None:
+            raise NotImplementedError(f"{type(self).__name__}: shared graph buffers (speculative draft backends)")
+        pool = self.token_to_kv_pool
+        cap = max_bs * min(int(self.max_context_len), max(pool.layer_capacities))
+        self.streams.alloc_graph(max_bs, cap)
+        L = self.streams.num_layers
+        self._graph_splits = torch.full((L, max_num_tokens), self.max_kv_splits, dtype=torch.int32, device=self.device)
+        self.cuda_graph_attn_logits = torch.zeros((max_num_tokens, self.num_head, self.max_kv_splits, self.v_head_dim),
+                                                  dtype=torch.float32, device=self.device)
+        self.cuda_graph_attn_lse = torch.zeros((max_num_tokens, self.num_head, self.max_kv_splits),
+                                               dtype=torch.float32, device=self.device)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        mode = forward_batch.forward_mode
+        if not mode.is_decode_or_idle() or forward_batch.spec_info is not None:
+            raise NotImplementedError(f"{type(self).__name__}: CUDA graphs only for plain decode, got {mode.name}")
+        if self._graph_splits is None:
+            raise RuntimeError(f"{type(self).__name__}: init_forward_metadata_out_graph before init_cuda_graph_state")
+        bs = forward_batch.batch_size
+        indptr, indices, kept = self.streams.fill_graph(forward_batch.req_pool_indices, forward_batch.seq_lens, bs)
+        self._fill_splits(self._graph_splits, kept, bs)
+        if in_capture:
+            self.forward_metadata = _metadata(attn_logits=self.cuda_graph_attn_logits,
+                                              attn_lse=self.cuda_graph_attn_lse)
+            self._layer_streams = (indptr, indices, self._graph_splits)
+        self._scoring = None
+        self._decode_reqs = None
+
+    # --- attention ------------------------------------------------------------------------------------------
+    @contextmanager
+    def _layer_view(self, layer):
+        """``forward_metadata`` reads layer ``layer``'s streams for the duration of SGLang's call."""
+        if self._layer_streams is None:
+            raise RuntimeError(f"{type(self).__name__}: attention before init_forward_metadata")
+        indptr, indices, splits = self._layer_streams
+        l = layer.layer_id - self.token_to_kv_pool.start_layer
+        md = self.forward_metadata
+        md.kv_indptr, md.kv_indices = indptr[l], indices[l]
+        if splits is not None:
+            md.num_kv_splits = splits[l]
+        try:
+            yield
+        finally:
+            md.kv_indptr = md.kv_indices = md.num_kv_splits = None
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None,
+                       aux_tensors=None):
+        self._check_layer(layer)
+        if k is None or v is None:
+            raise NotImplementedError(f"{type(self).__name__}: extend without k/v (reads by logical id) is not supported")
+        with self._layer_view(layer):
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks, score_mod, aux_tensors)
+        scoring = self._scoring
+        if scoring is not None:
+            q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            seqs = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
+            rpis = forward_batch.req_pool_indices.tolist()
+            start = 0
+            for i, m in enumerate(int(x) for x in forward_batch.extend_seq_lens_cpu):
+                held_kv = (lambda rpi=rpis[i], seq=seqs[i]: self._held_kv(layer.layer_id, rpi, seq, q.dtype))
+                self._score_request(scoring, i, layer, q_[start:start + m].movedim(0, 1), start, m, held_kv)
+                start += m
+        self._end_extend_layer(scoring, layer)
+        return o
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None,
+                       aux_tensors=None):
+        self._check_layer(layer)
+        with self._layer_view(layer):
+            o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks, score_mod, aux_tensors)
+        if self._decode_reqs is not None:
+            self._feed_decode(layer, q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim))
+            seq_lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
+                        else forward_batch.seq_lens).tolist()
+            self._end_decode_layer(layer, seq_lens)
+        return o
