@@ -1,11 +1,16 @@
-"""PNG plots: output (and decode-phase) tok/s against the budget per workload, and the per-layer KV
-capacity of every plugin server next to vanilla's. Each figure names the device and the command."""
+"""PNG plots: output and decode-phase tok/s against the budget per workload (prefill tok/s and TTFT
+for the prefill workload), and the per-layer KV capacity of every plugin server next to vanilla's.
+Each figure names the device and the command."""
 
 from __future__ import annotations
 
 import textwrap
 from pathlib import Path
 from typing import Dict, List
+
+
+METRICS = (("output_tok_s", "output tok/s"), ("decode_tok_s", "decode-phase tok/s"))
+PREFILL_METRICS = (("input_tok_s", "input (prefill) tok/s"), ("ttft_ms_p50", "TTFT p50 (ms)"))
 
 
 def _footer(fig, device: str, command: str) -> None:
@@ -20,11 +25,10 @@ def throughput_png(path: Path, records: List[dict], workloads: List[str], device
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = (("output_tok_s", "output tok/s"), ("decode_tok_s", "decode-phase tok/s"))
-    fig, axes = plt.subplots(len(metrics), len(workloads), figsize=(4.2 * len(workloads), 7), squeeze=False)
+    fig, axes = plt.subplots(2, len(workloads), figsize=(4.2 * len(workloads), 7), squeeze=False)
     for j, wl in enumerate(workloads):
         rows = [r for r in records if r["workload"] == wl and r["status"] == "ok"]
-        for i, (key, name) in enumerate(metrics):
+        for i, (key, name) in enumerate(PREFILL_METRICS if wl == "prefill" else METRICS):
             ax = axes[i][j]
             dk = sorted((r["budget"], r[key]) for r in rows if r["policy"] == "depthkv" and r.get(key) is not None)
             if dk:
@@ -60,6 +64,7 @@ def capacity_png(path: Path, servers: Dict[str, object], device: str, command: s
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     plugin = [(k, s) for k, s in servers.items() if getattr(s, "capacity", None)]
     van = servers.get("vanilla")
@@ -83,6 +88,7 @@ def capacity_png(path: Path, servers: Dict[str, object], device: str, command: s
             ax.axhline(van.logical_kv_tokens, color="k", linestyle="--", label=f"vanilla {van.logical_kv_tokens}")
         ax.set_title(f"{label}: KV {s.capacity['kv_gib']:.4g} + metadata {s.capacity['metadata_gib']:.4g} GiB", fontsize=9)
         ax.set_xlabel("layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("KV slots (tokens)")
         ax.legend(fontsize=6)
     fig.suptitle(f"Per-layer KV capacity at equal KV bytes - {device}", fontsize=11)

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -140,8 +141,9 @@ def workload_record(s: RunSetup, cfg: ServerConfig, w: Workload, result: dict, l
         "decode_tok_s": st.decode_tok_s,
         "ttft_ms_p50": result.get("median_ttft_ms"),
         "ttft_ms_p99": result.get("p99_ttft_ms"),
-        "tpot_ms_p50": result.get("median_tpot_ms"),
-        "tpot_ms_p99": result.get("p99_tpot_ms"),
+        # SGLang's client reports TPOT 0 when no request produced 2 tokens
+        "tpot_ms_p50": result.get("median_tpot_ms") if (mean_o or 0) > 1 else None,
+        "tpot_ms_p99": result.get("p99_tpot_ms") if (mean_o or 0) > 1 else None,
         "completed": completed,
         "duration_s": result.get("duration"),
         "total_input_tokens": result.get("total_input_tokens"),
@@ -318,7 +320,10 @@ class Runner:
                 text = log.read_text(errors="replace")
                 info.pool_line = logparse.pool_line(text)
                 info.capacity = logparse.capacity_table(text)
-                info.logical_kv_tokens = srv.max_total_num_tokens()
+                try:
+                    info.logical_kv_tokens = srv.max_total_num_tokens()
+                except OSError:  # /get_server_info did not answer: SGLang's start-up line has the same number
+                    info.logical_kv_tokens = (info.pool_line or {}).get("max_total_num_tokens")
                 self._run_workloads(srv, cfg, info, log)
             finally:
                 srv.stop()
@@ -347,19 +352,24 @@ class Runner:
                 out_file.unlink()
             cmd = client_command(self.s, w, srv.url, out_file)
             timeout = min(w.timeout_s, self.left() - STOP_MARGIN_S)
-            r = run_client(cmd, client_env(self.s), log, out_file.with_suffix(".client.log"), timeout)
-            self.workload_times[w.key] = max(self.workload_times.get(w.key, 0.0), r["seconds"])
-            result = last_json_line(out_file)
-            if r["timed_out"] or result is None or r["start_offset"] is None:
-                tail = out_file.with_suffix(".client.log").read_text(errors="replace")[-1500:]
-                status = "timeout" if r["timed_out"] else "client failed"
-                why = (f"client killed after {timeout:.0f} s" if r["timed_out"] else f"client exit code {r['rc']}")
-                rec = base_record(self.s, cfg, w, status, f"{why}; client output tail:\n{tail}")
-            else:
-                text = _read_slice(log, r["start_offset"], r["end_offset"])
-                rec = workload_record(self.s, cfg, w, result, text, info.logical_kv_tokens)
+            try:
+                rec = self._one_workload(cfg, w, info, log, out_file, cmd, timeout)
+            except Exception:  # noqa: BLE001 - recorded with its traceback; the other runs still report
+                rec = base_record(self.s, cfg, w, "error", traceback.format_exc()[-1500:])
             rec["notes"] = list(notes)
             rec["server_args"] = info.args
             rec["client_command"] = cmd
             self.records.append(rec)
             self.on_progress(self.records, self.servers)
+
+    def _one_workload(self, cfg, w, info, log, out_file, cmd, timeout) -> dict:
+        r = run_client(cmd, client_env(self.s), log, out_file.with_suffix(".client.log"), timeout)
+        self.workload_times[w.key] = max(self.workload_times.get(w.key, 0.0), r["seconds"])
+        result = last_json_line(out_file)
+        if r["timed_out"] or result is None or r["start_offset"] is None:
+            tail = out_file.with_suffix(".client.log").read_text(errors="replace")[-1500:]
+            status = "timeout" if r["timed_out"] else "client failed"
+            why = (f"client killed after {timeout:.0f} s" if r["timed_out"] else f"client exit code {r['rc']}")
+            return base_record(self.s, cfg, w, status, f"{why}; client output tail:\n{tail}")
+        text = _read_slice(log, r["start_offset"], r["end_offset"])
+        return workload_record(self.s, cfg, w, result, text, info.logical_kv_tokens)

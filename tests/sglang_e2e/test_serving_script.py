@@ -146,6 +146,8 @@ def test_recorded_bench_serving_output_is_read_field_by_field(tmp_path):
     assert rec["bound_tok_s"] is None  # no peak bandwidth known for this CPU
     partial = runner.workload_record(setup, ServerConfig("vanilla"), w, dict(res, completed=30), log, 4096)
     assert partial["status"] == "partial: 30/32 completed"
+    one = runner.workload_record(setup, ServerConfig("vanilla"), w, dict(res, total_output_tokens=32), log, 4096)
+    assert one["tpot_ms_p50"] is None and one["tpot_ms_p99"] is None  # 1 token each: no time per output token
 
 
 def test_capacity_table_and_pool_line_parse(tmp_path):
@@ -334,7 +336,9 @@ def test_capacity_check_summary():
 @pytest.mark.engine
 def test_tiny_cpu_run_end_to_end(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    cmd = [sys.executable, "-m", "benchmarks.serving", "--preset", "cpu-tiny", "--configs", "vanilla,depthkv@0.3",
+    # snapkv@0.005 keeps 20 of 4096 tokens, less than sinks + window: the plugin refuses it at start-up
+    cmd = [sys.executable, "-m", "benchmarks.serving", "--preset", "cpu-tiny", "--configs",
+           "vanilla,depthkv@0.3,snapkv@0.005",
            "--workloads", "long-decode", "--set", "long-decode.num_prompts=12", "--set", "long-decode.output_len=16",
            "--out-dir", str(out), "--work-dir", str(work), "--time-budget-s", "400"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=480)
@@ -342,7 +346,10 @@ def test_tiny_cpu_run_end_to_end(tmp_path):
     doc = json.loads((out / "serving-cpu.json").read_text())
     assert doc["complete"] and doc["device_slug"] == "cpu" and "--preset cpu-tiny" in doc["command"]
     recs = {x["config"]: x for x in doc["records"]}
-    assert set(recs) == {"vanilla", "depthkv@0.3"}
+    assert set(recs) == {"vanilla", "depthkv@0.3", "snapkv@0.005"}
+    refused = recs.pop("snapkv@0.005")
+    assert refused["status"] == "server failed" and refused["error"].startswith("refused: --kv-budget: 0.005 keeps")
+    assert doc["servers"]["snapkv@0.005"]["status"] == "failed"
     for x in recs.values():
         assert x["status"] == "ok", x
         for k in REQUIRED:
