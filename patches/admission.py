@@ -19,9 +19,12 @@ def _ours(alloc) -> bool:
 def prefill_adder_init_after(result, self, *args, **kwargs):
     alloc = getattr(self, "token_to_kv_pool_allocator", None)
     if _ours(alloc):
+        from sglang_depthkv.sglang.pressure import COUNTERS
         from sglang_depthkv.sglang.radix_cache import layer_deficit
 
-        self.rem_total_token_offset += layer_deficit(alloc, self.tree_cache)
+        deficit = layer_deficit(alloc, self.tree_cache)
+        self.rem_total_token_offset += deficit
+        COUNTERS.note_admission(deficit)
     return result
 
 
@@ -30,4 +33,9 @@ def check_decode_mem_after(result, self, selected_indices=None):
     if not result or not _ours(alloc):
         return result
     need = self.new_tokens_required_next_decode(selected_indices)
-    return alloc.min_layer_available_size() >= need
+    if alloc.min_layer_available_size() >= need:
+        return True
+    from sglang_depthkv.sglang.pressure import COUNTERS
+
+    COUNTERS.note_decode_refusal()
+    return False

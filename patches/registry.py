@@ -32,6 +32,7 @@ HOOKS = (
     ("sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new", "AFTER",
      "pruning:forward_batch_init_new_after"),
     ("sglang.srt.managers.tp_worker.TpModelWorker.get_worker_info", "AROUND", "request_limits:get_worker_info_around"),
+    ("sglang.srt.managers.scheduler.Scheduler.flush_cache", "AROUND", "flush_check:flush_cache_around"),
 )
 
 HOOK_TARGETS = tuple(t for t, _, _ in HOOKS)

@@ -3,6 +3,7 @@
 Structural (any time): at every layer, free slots are unique, in ``[1, C_l]``, never mapped; mapped
 slots are unique; free + mapped == C_l (no slot leaks); use <= capacity. Accounting (idle, or with
 the request-held counts given): ``free + tree_evictable + tree_protected + held_by_requests == C_l``.
+Drained (after the whole tree was evicted at idle, before a flush): every slot of every layer free.
 """
 
 from __future__ import annotations
@@ -53,3 +54,17 @@ def accounting_violations(alloc, tree_cache=None, request_held: Optional[Sequenc
 
 def check(alloc, tree_cache=None, request_held=None) -> List[str]:
     return structural_violations(alloc) + accounting_violations(alloc, tree_cache, request_held)
+
+
+def drained_violations(alloc) -> List[str]:
+    """After the whole tree was evicted with no request running: every slot of every layer is free
+    and no logical id is mapped (a slot still held here was leaked by someone)."""
+    out = structural_violations(alloc)
+    for l, cap in enumerate(alloc.layer_capacities):
+        free = alloc.layer_available_size(l)
+        if free != cap:
+            out.append(f"layer {l}: {cap - free} of {cap} slots still held after evicting the whole tree (slot leak)")
+    if alloc.available_size() != alloc.size:
+        out.append(f"logical: {alloc.size - alloc.available_size()} of {alloc.size} ids still allocated after "
+                   "evicting the whole tree")
+    return out
