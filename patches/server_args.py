@@ -29,7 +29,7 @@ def from_cli_args_around(orig, cls, args):
     if settings is None:
         return orig(cls, args)
     if getattr(args, "attention_backend", None) is None:
-        args.attention_backend = C.SUPPORTED_ATTENTION_BACKENDS[0]
+        args.attention_backend = C.default_attention_backend(getattr(args, "device", None))
     sa = orig(cls, args)
     _attach(sa, settings)
     return sa

@@ -34,7 +34,7 @@ DEFAULT_WINDOW = 32
 DEFAULT_DECODE_INTERVAL = 0  # 0: prune at the end of prefill only
 
 # Attention backends whose reads go through the per-layer mapping (sglang/backends/).
-SUPPORTED_ATTENTION_BACKENDS = ("torch_native", "triton")  # [0] is the default under --kv-policy
+SUPPORTED_ATTENTION_BACKENDS = ("torch_native", "triton")  # default under --kv-policy: default_attention_backend
 # Model architectures whose every layer is plain full attention with an MHA/GQA KV cache.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _MODEL_DTYPE_KV = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", None)
@@ -151,11 +151,24 @@ def parse_settings(raw: Mapping[str, Any]) -> Optional[DepthKVSettings]:
     )
 
 
+def default_attention_backend(device) -> str:
+    """The backend pinned under ``--kv-policy`` when the user names none (SGLang's own default, e.g.
+    fa3 on Hopper, does not read through our mapping): ``triton`` on CUDA (SGLang's Triton kernels,
+    CUDA-graph capable), ``torch_native`` elsewhere (the CPU path)."""
+    if device in (None, "auto"):
+        try:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        except Exception:  # noqa: BLE001 - no torch: not a CUDA machine
+            device = "cpu"
+    return "triton" if str(device).startswith("cuda") else "torch_native"
+
+
 def prepare_server_kwargs(settings: DepthKVSettings, kwargs: dict) -> None:
-    """Before ``ServerArgs`` resolves: pin the attention backend when the user left it unset
-    (SGLang's own default would be a backend whose reads do not go through our mapping)."""
+    """Before ``ServerArgs`` resolves: pin the attention backend when the user left it unset."""
     if kwargs.get("attention_backend") is None:
-        kwargs["attention_backend"] = SUPPORTED_ATTENTION_BACKENDS[0]
+        kwargs["attention_backend"] = default_attention_backend(kwargs.get("device"))
 
 
 def check_server_args(settings: DepthKVSettings, sa) -> None:

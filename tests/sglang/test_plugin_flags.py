@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -115,6 +116,22 @@ def test_cli_accepts_and_attaches(plugins, llama):
     import pickle
 
     assert pickle.loads(pickle.dumps(sa))._depthkv_settings == s
+
+
+def test_default_backend_under_kv_policy():
+    """Unset --attention-backend under --kv-policy: triton on CUDA (CUDA-graph capable), torch_native
+    on CPU; a backend the user names is never replaced (tested above / in test_cli_refuses)."""
+    from sglang_depthkv.sglang.config import default_attention_backend
+
+    assert default_attention_backend("cuda") == "triton"
+    assert default_attention_backend("cuda:1") == "triton"
+    assert default_attention_backend("cpu") == "torch_native"
+    assert default_attention_backend(None) == ("triton" if torch.cuda.is_available() else "torch_native")
+
+
+def test_cli_keeps_the_named_backend(plugins, llama):
+    sa = cli(llama, "--kv-policy", "snapkv", "--kv-budget", "0.5", "--attention-backend", "triton")
+    assert sa.attention_backend == "triton"
 
 
 def test_cli_without_policy_is_vanilla(plugins, llama):
