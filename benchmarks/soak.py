@@ -1,25 +1,29 @@
-"""Soak test through SGLang's real HTTP server with the plugin: many concurrent requests with random
-prompt lengths and shared prefixes, some aborted mid-stream or while queued, chunked prefill on, a
-KV pool under per-layer pressure; then every answer, the server, SGLang's idle memory check, our
-per-layer invariants and a full drain of every layer are checked.
+r"""Soak test through SGLang's real HTTP server with the plugin: many concurrent requests with random
+prompt lengths and shared prefixes, some aborted mid-stream or while queued, a few over the
+per-layer length limit, chunked prefill on, a KV pool under per-layer pressure; then every answer,
+the server, SGLang's idle memory check, our per-layer invariants and a full drain of every layer
+are checked.
 
-    python benchmarks/soak.py --tiny-model llama --kv-policy depthkv --kv-profile calibrate \\
-        --kv-budget 0.2 --requests 500 --prompt-len 1 2000 --new-tokens 1 64 \\
-        --chunked-prefill-size 512 --max-total-tokens 24576 --out benchmarks/results/soak-cpu
+CPU (the committed results, benchmarks/results/soak-cpu.*):
 
-GPU form (one command; see ../shared/gpu/README.md for the environment):
+    python benchmarks/soak.py --tiny-model llama --kv-policy depthkv --kv-profile calibrate \
+        --kv-budget 0.2 --requests 500 --prompt-len 1 2000 --new-tokens 1 128 \
+        --chunked-prefill-size 512 --max-total-tokens 16384 --out benchmarks/results/soak-cpu
 
-    python3 benchmarks/soak.py --model .gpu/model-llama8b --kv-policy snapkv --kv-budget 0.2 \\
-        --requests 2000 --prompt-len 1 16000 --new-tokens 1 256 --chunked-prefill-size 4096 \\
-        --server-args "--load-format dummy --attention-backend triton --grammar-backend none \\
-                       --mm-feature-transport=cpu" --out $OUT/soak-gpu
+GPU (one command after the set-up of ../shared/gpu/README.md; the dummy model has no profile, so a
+policy without one; CUDA graphs stay on; no --max-total-tokens: SGLang sizes the pool):
 
-(CUDA graphs stay on unless ``--server-args`` turns them off; on a machine without CUDA the server
-runs on CPU with ``--disable-cuda-graph``.) Prints and writes ``OUT.json`` and ``OUT.md``: requests
-sent / completed / aborted, requests/s, output tok/s, peak running requests (SGLang's
-``Decode batch, #running-req`` log lines with ``--decode-log-interval 1``), retractions, wall time,
-the invariant verdicts. Exit status 0 only if every check passed. The server log, the invariant log
-and one JSON line per request are kept in ``--workdir``.
+    python3 benchmarks/soak.py --model .gpu/model-llama8b --kv-policy snapkv --kv-budget 0.2 \
+        --requests 2000 --prompt-len 1 16000 --new-tokens 1 256 --chunked-prefill-size 4096 \
+        --server-args "--load-format dummy --grammar-backend none --mm-feature-transport=cpu" \
+        --workdir /tmp/soak --out $OUT/soak-gpu
+
+Prints and writes ``OUT.json`` and ``OUT.md``: requests sent / completed / aborted / refused,
+requests/s, output tok/s, peak running requests (SGLang's ``Decode batch, #running-req`` log lines,
+one per decode step: ``--decode-log-interval 1``), retractions (SGLang's log), the plugin's per-layer
+pressure counters and the invariant verdicts. Exit status 0 only if every check passed. The server
+log, the invariant log (``SGLANG_DEPTHKV_INVARIANT_LOG``) and one JSON line per request (ids in and
+out) stay in ``--workdir``.
 """
 
 from __future__ import annotations
@@ -101,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input ids drawn from [LO, HI] (default 1 .. vocab_size-1)")
     w.add_argument("--max-concurrency", type=int, default=0, help="0: every request in flight at once")
     w.add_argument("--request-rate", type=float, default=0.0, help="Poisson arrivals per second; 0: all at t=0")
+    w.add_argument("--warmup", type=int, default=2,
+                   help="short requests sent before the timed load (on a GPU the first requests pay kernel JIT)")
     w.add_argument("--request-timeout", type=float, default=3600.0)
     w.add_argument("--idle-timeout", type=float, default=300.0, help="seconds to wait for the server to go idle")
     w.add_argument("--seed", type=int, default=0)
@@ -165,6 +171,18 @@ def server_flags(args, profile: Optional[str], on_cpu: bool) -> List[str]:
     if on_cpu and "--attention-backend" not in extra:
         flags += ["--attention-backend", "torch_native"]  # the plugin's backend that runs on CPU
     return flags + extra
+
+
+def raise_open_files_limit(n_requests: int) -> None:
+    """Every request in flight holds a socket here and one in the server (which inherits this limit)."""
+    try:
+        import resource
+    except ImportError:  # not on Linux / macOS
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4 * n_requests + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
 
 
 def server_env(args) -> dict:
@@ -265,6 +283,7 @@ def run_soak(args, command: str) -> dict:
                           n_prefixes=args.prefixes, share_frac=args.share_frac, stream_frac=args.stream_frac,
                           abort_frac=args.abort_frac,
                           token_range=tuple(args.token_range) if args.token_range else None)
+    raise_open_files_limit(len(reqs) + args.overlong)
     on_cpu = not _cuda_available()
     flags = server_flags(args, profile, on_cpu)
     srv = SGLangServer(model, flags, log_path=workdir / "server.log", env={**server_env(args), INVARIANT_ENV: str(inv_path)},
@@ -280,7 +299,7 @@ def run_soak(args, command: str) -> dict:
         "prefixes": args.prefixes, "share_frac": args.share_frac, "stream_frac": args.stream_frac,
         "abort_frac": args.abort_frac, "max_concurrency": args.max_concurrency, "request_rate": args.request_rate,
         "server_args": args.server_args, "server_env": server_env(args),
-        "seed": args.seed, "modes": {m: sum(r.mode == m for r in reqs) for m in MODES},
+        "warmup_requests": args.warmup, "seed": args.seed, "modes": {m: sum(r.mode == m for r in reqs) for m in MODES},
         "prompt_tokens_sent": sum(len(r.input_ids) for r in reqs),
     }
     alive_at_end = probe_ok = False
@@ -302,6 +321,9 @@ def run_soak(args, command: str) -> dict:
                 for x in extra:
                     reqs.insert(rng.randint(0, len(reqs)), x)
             result["config"]["modes"] = {m: sum(r.mode == m for r in reqs) for m in MODES}
+            for i in range(args.warmup):
+                srv.generate({"input_ids": [1 + (13 * i + 5 * j) % (vocab - 1) for j in range(16)],
+                              "sampling_params": {"max_new_tokens": 8, "ignore_eos": True}}, timeout=900)
             results = asyncio.run(send_all(srv.url, reqs, max_concurrency=args.max_concurrency,
                                            request_rate=args.request_rate, timeout_s=args.request_timeout,
                                            seed=args.seed))
@@ -441,6 +463,16 @@ def markdown(result: dict) -> str:
     ]
     lines += [f"| {k.replace('_', ' ')} | {'PASS' if v else 'FAIL'} |" for k, v in chk.items()
               if isinstance(v, bool)]
+    lines += [
+        "",
+        "Sources: requests/s and output tok/s count the requests answered in full over the load's wall time "
+        "(first request sent to last answer). Peak running requests: SGLang's `Decode batch, #running-req` "
+        "scheduler log lines, one per decode step (`--decode-log-interval 1`). Retractions: SGLang's `KV cache "
+        "pool is full. Retract requests` log lines. Per-layer counters and checks: the plugin's invariant log "
+        "(`SGLANG_DEPTHKV_INVARIANT_LOG`): SGLang's idle `_check_all_pools` + the per-layer invariants after the "
+        "load and a probe request, then the whole tree evicted through the allocator before `/flush_cache` "
+        "(every layer must be fully free).",
+    ]
     if load["failures"]:
         lines += ["", "First failures:", ""] + [f"- `{json.dumps(f)}`" for f in load["failures"]]
     return "\n".join(lines) + "\n"
