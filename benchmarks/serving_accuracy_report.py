@@ -29,8 +29,10 @@ def _mean(xs) -> Optional[float]:
 def records(requests: List[dict]) -> List[dict]:
     """One record per (task, policy, budget), plus task ``"all"``: mean scores of server and reference,
     their difference in points, the fraction of requests whose greedy answer tokens are identical,
-    the mean token agreement and (pruning policies) the mean kept-set agreement."""
+    the mean token agreement, (pruning policies) the mean kept-set agreement, and the fraction of
+    answers identical to vanilla SGLang's on the same sample (when vanilla was served)."""
     groups = defaultdict(list)
+    vanilla = {r["sample"]: r["tokens"] for r in requests if r["policy"] == "vanilla" and "sample" in r}
     for r in requests:
         groups[(r["task"], r["policy"], float(r["budget"]))].append(r)
         groups[("all", r["policy"], float(r["budget"]))].append(r)
@@ -46,6 +48,8 @@ def records(requests: List[dict]) -> List[dict]:
             "token_agreement": round(_mean(r["token_agreement"] for r in rs), 4),
             "keep_layers_equal": round(_mean(k["layers_equal"] for k in keep), 4) if keep else None,
             "keep_jaccard": round(_mean(k["jaccard"] for k in keep), 4) if keep else None,
+            "same_answer_as_vanilla": round(_mean(float(r["tokens"] == vanilla[r["sample"]]) for r in rs), 4)
+            if all(r.get("sample") in vanilla for r in rs) else None,
         })
     order = {p: i for i, p in enumerate(ORDER)}
     out.sort(key=lambda r: (r["task"] != "all", r["task"], order.get(r["policy"], 99), -r["budget"]))
@@ -89,6 +93,36 @@ def common_flags(doc: dict) -> List[str]:
     return flags[: flags.index("--kv-policy")] if "--kv-policy" in flags else list(flags)
 
 
+def depthkv_losses(doc: dict, budget: float) -> List[str]:
+    """Samples where DepthKV and uniform SnapKV score differently at ``budget`` (server), with the
+    full cache's (vanilla's) score and answer on the same sample."""
+    by = {(r["policy"], r["budget"], r["sample"]): r for r in doc["requests"]}
+    out = []
+    for si in sorted({r["sample"] for r in doc["requests"]}):
+        d, u, v = by.get(("depthkv", budget, si)), by.get(("snapkv", budget, si)), by.get(("vanilla", 1.0, si))
+        if d and u and d["score"] != u["score"]:
+            out.append(f"{d['task']} ({d['n_tokens']} tok): DepthKV {d['score']:.2f} `{d['output']!r}`, uniform "
+                       f"{u['score']:.2f} `{u['output']!r}`"
+                       + (f", vanilla {v['score']:.2f} `{v['output']!r}`" if v else ""))
+    return out
+
+
+def depthkv_vs_uniform_text(doc: dict, ck: dict) -> List[str]:
+    lines = ["DepthKV vs uniform SnapKV (server): " + "; ".join(
+        f"{d['budget']:.0%}: {d['depthkv']:.3f} vs {d['uniform']:.3f} "
+        f"({'≥' if d['depthkv_ge_uniform'] else '<'})" for d in ck["depthkv_vs_uniform"]) + ".", ""]
+    for d in ck["depthkv_vs_uniform"]:
+        if not d["depthkv_ge_uniform"]:
+            lines += [f"Where DepthKV < uniform ({d['budget']:.0%}), the samples that differ:", ""]
+            lines += [f"- {x}" for x in depthkv_losses(doc, d["budget"])] + [""]
+            same = {r["policy"]: r.get("same_answer_as_vanilla") for r in doc["records"]
+                    if r["task"] == "all" and r["budget"] == d["budget"]}
+            if same.get("depthkv") is not None and same.get("snapkv") is not None:
+                lines += [f"Answers identical to vanilla's (full cache) at {d['budget']:.0%}: DepthKV "
+                          f"{same['depthkv']:.0%}, uniform {same['snapkv']:.0%} of the requests.", ""]
+    return lines
+
+
 def markdown(doc: dict) -> str:
     recs = doc["records"]
     budgets = sorted({r["budget"] for r in recs if r["policy"] != "vanilla"}, reverse=True) or [1.0]
@@ -123,9 +157,7 @@ def markdown(doc: dict) -> str:
         f"Check (|server − reference| <= {TOLERANCE_POINTS:g} points at every policy and budget): "
         + ("**holds**." if ck["all_within"] else "**fails** at " + "; ".join(
             f"{o['policy']} {o['budget']:.0%} ({o['diff_points']:+.1f})" for o in ck["outside"]) + "."), "",
-        "DepthKV vs uniform SnapKV (server): " + "; ".join(
-            f"{d['budget']:.0%}: {d['depthkv']:.3f} vs {d['uniform']:.3f} "
-            f"({'≥' if d['depthkv_ge_uniform'] else '<'})" for d in ck["depthkv_vs_uniform"]) + ".", "",
+        *depthkv_vs_uniform_text(doc, ck),
         "## Agreement with the reference", "",
         "Cells: identical greedy answers (fraction of requests) · kept sets identical (fraction of layers, "
         "mean over requests) · mean Jaccard of the kept sets.", "",
@@ -133,6 +165,11 @@ def markdown(doc: dict) -> str:
                + ("" if r["keep_layers_equal"] is None else f" · {r['keep_layers_equal']:.2f} · {r['keep_jaccard']:.3f}")),
         "",
     ]
+    if any(r.get("same_answer_as_vanilla") is not None for r in recs):
+        parts += ["## Answers identical to vanilla SGLang's (full cache), server", "",
+                  "Fraction of requests whose greedy answer tokens equal vanilla's on the same sample.", "",
+                  _table(recs, "all", budgets, lambda r: "–" if r.get("same_answer_as_vanilla") is None
+                         else f"{r['same_answer_as_vanilla']:.2f}"), ""]
     for task in sorted({r["task"] for r in recs} - {"all"}):
         parts += [f"## Task {task}: server / reference", "", _table(recs, task, budgets, fmt), ""]
     diff = [r for r in doc["requests"] if r["tokens"] != r["reference_tokens"]]
@@ -158,7 +195,7 @@ def plot(doc: dict, path: Path) -> None:
 
     overall = {(r["policy"], r["budget"]): r for r in doc["records"] if r["task"] == "all"}
     budgets = sorted({b for p, b in overall if p != "vanilla"})
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     if ("vanilla", 1.0) in overall:
         r = overall[("vanilla", 1.0)]
         ax.axhline(r["accuracy_server"], color="black", label="vanilla SGLang")
@@ -169,7 +206,7 @@ def plot(doc: dict, path: Path) -> None:
         ax.plot([x * 100 for x in xs], [overall[(p, b)]["accuracy_server"] for b in xs], marker="o", color=color,
                 label=f"{NAMES.get(p, p)} (server)")
         ax.plot([x * 100 for x in xs], [overall[(p, b)]["accuracy_reference"] for b in xs], marker="x", color=color,
-                linestyle="--", alpha=0.7)
+                linestyle="--", alpha=0.7, label=f"{NAMES.get(p, p)} (HF reference)")
     ax.set_xlabel("KV budget (% of all layer x token slots kept)")
     ax.set_ylabel("mean score")
     ax.set_ylim(-0.02, 1.02)
@@ -178,7 +215,7 @@ def plot(doc: dict, path: Path) -> None:
     ax.set_title(f"SmolLM2-135M-Instruct via SGLang server (solid) vs HF reference (dashed), {len(doc['samples'])} samples",
                  fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
