@@ -3,10 +3,16 @@ program (``sgl.function``, ``fork``, ``gen``). It runs unchanged against vanilla
 a server with the DepthKV plugin:
 
     SMOLLM2_DIR=$(python -c "from sglang_depthkv.core.smollm2 import export_hf_dir; print(export_hf_dir())")
-    python -m sglang.launch_server --model-path $SMOLLM2_DIR --port 30000 --device cpu \\
-        --attention-backend torch_native --max-total-tokens 16384 \\
+    source scripts/cpu-env.sh     # on a CPU-only machine
+    python -m sglang.launch_server --model-path $SMOLLM2_DIR --port 30000 \\
+        --device cpu --disable-cuda-graph --attention-backend torch_native --dtype float32 \\
+        --max-total-tokens 16384 --chunked-prefill-size 4096 \\
         --kv-policy depthkv --kv-budget 0.3 --kv-profile benchmarks/results/smollm2_profile.json
     python examples/long_document_forks.py --url http://127.0.0.1:30000
+
+``--chunked-prefill-size 4096`` (CPU default 2048) lets the ~2.2k-token shared prefix be prefilled,
+and so pruned, in one piece: with chunking, the earlier chunks enter the radix tree unpruned
+(tree-owned) and only the last chunk is pruned.
 
 The document (~2.1k tokens of Austen's *Persuasion* with three planted facts) goes into the
 prompt once; ``s.fork(3)`` first sends the shared text (system turn + document) as one prefill, which
