@@ -12,7 +12,9 @@ pruning and decode-time pruning, the same for all backends (``torch_native``, ``
   request *after* this batch's K/V were written (the observation's tokens), then ``_end_extend_layer``
   (after the last layer: ``pruning.select_own`` -> ``DepthKVAllocator.prune``);
 - in ``forward_decode``, per layer: ``_feed_decode(layer, q)`` then ``_end_decode_layer`` (after the
-  last layer: the due decode-time pruning events).
+  last layer: the due decode-time pruning events). A backend that also records decode steps
+  elsewhere (triton under CUDA graphs: ``graph_decode.py``) hooks ``_before_eager_decode`` and reuses
+  ``_claim_decode_reqs`` / ``_begin_decode_states``.
 
 Held keys/values are gathered from the layer's physical buffer through the held slots
 (``_held_kv``) and cast to the query dtype, so every backend hands the core scorers the same
@@ -135,13 +137,12 @@ class DepthKVScoringMixin:
         if self.policy is None:
             return
         if forward_batch.forward_mode.is_decode():
-            reqs = getattr(self.model_runner, "depthkv_pending_decode_reqs", None)
-            self.model_runner.depthkv_pending_decode_reqs = None
-            if self.decode_interval:
-                if reqs is None or len(reqs) != forward_batch.batch_size:
-                    raise RuntimeError("DepthKV: decode batch without its requests (the ForwardBatch.init_new hook "
-                                       "did not run); refusing to skip decode-time pruning silently")
+            reqs = self._claim_decode_reqs(forward_batch.batch_size)
+            if reqs is not None:
                 self._install_hidden_hooks()
+                states = self._begin_decode_states(reqs, _host_lens(forward_batch, len(reqs)))
+                self._before_eager_decode(reqs, states)
+                self._run_due_decode_events(reqs, states)
                 self._decode_reqs = reqs
             return
         if not forward_batch.forward_mode.is_extend():
@@ -212,6 +213,35 @@ class DepthKVScoringMixin:
         self._hidden.clear()
 
     # --- decode-time pruning --------------------------------------------------------------------------
+    def _claim_decode_reqs(self, batch_size: int):
+        """The decode batch's ``Req`` list handed over by the ``ForwardBatch.init_new`` hook (None when
+        decode-time pruning is off); refuses a batch whose hook did not run."""
+        reqs = getattr(self.model_runner, "depthkv_pending_decode_reqs", None)
+        self.model_runner.depthkv_pending_decode_reqs = None
+        if self.policy is None or not self.decode_interval:
+            return None
+        if reqs is None or len(reqs) != batch_size:
+            raise RuntimeError("DepthKV: decode batch without its requests (the ForwardBatch.init_new hook "
+                               "did not run); refusing to skip decode-time pruning silently")
+        return reqs
+
+    def _begin_decode_states(self, reqs, seq_lens) -> List[DP.DecodeState]:
+        states = []
+        for req, seq in zip(reqs, seq_lens):
+            st = DP.state_of(req, self.token_to_kv_pool.layer_num)
+            DP.begin_step(st, int(seq))
+            states.append(st)
+        return states
+
+    def _before_eager_decode(self, reqs, states) -> None:
+        """Hook for backends that also record decode steps elsewhere (triton: the CUDA-graph ring)."""
+
+    def _run_due_decode_events(self, reqs, states, source: str = "lists") -> None:
+        for req, st in zip(reqs, states):
+            while DP.prune_due(st, self.decode_interval, self.policy.window):
+                DP.prune_segment(st, self.policy, self.decode_interval, req, self.req_to_token_pool.req_to_token,
+                                 self.token_to_kv_pool, self.allocator, self._o_proj_weight, source=source)
+
     def _feed_decode(self, layer, q: torch.Tensor) -> None:
         """Record each decode request's query ``q [bs, qh, d]`` (and attention input) at this layer."""
         if self._decode_reqs is None:
@@ -220,20 +250,28 @@ class DepthKVScoringMixin:
         for i, req in enumerate(self._decode_reqs):
             st = DP.state_of(req, self.token_to_kv_pool.layer_num)
             h = self._hidden[layer.layer_id][i:i + 1] if self._needs_hidden else None
-            DP.record_feed(st, local, q[i:i + 1].movedim(0, 1), h, layer.scaling)
+            DP.record_feed(st, local, q[i:i + 1].movedim(0, 1), h, layer.scaling, self.policy.window)
 
     def _end_decode_layer(self, layer, seq_lens) -> None:
         if self._decode_reqs is not None and self._is_last_layer(layer):
             self._finish_decode(seq_lens)
 
     def _finish_decode(self, seq_lens):
+        states = []
         for req, seq in zip(self._decode_reqs, seq_lens):
             st = DP.state_of(req, self.token_to_kv_pool.layer_num)
-            while DP.prune_due(st, int(seq), self.decode_interval, self.policy.window):
-                DP.prune_segment(st, self.policy, self.decode_interval, req, self.req_to_token_pool.req_to_token,
-                                 self.token_to_kv_pool, self.allocator, self._o_proj_weight, int(seq))
+            DP.end_step(st, int(seq))
+            states.append(st)
+        self._run_due_decode_events(self._decode_reqs, states)
         self._decode_reqs = None
         self._hidden.clear()
+
+
+def _host_lens(forward_batch, n: int) -> List[int]:
+    """The first ``n`` sequence lengths on the host (``seq_lens_cpu`` when the batch has it, else one
+    device-to-host copy)."""
+    lens = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
+    return [int(x) for x in lens[:n].tolist()]
 
 
 def build_policy(settings, model_runner):
