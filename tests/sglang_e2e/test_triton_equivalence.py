@@ -2,15 +2,19 @@
 over per-layer pruned KV: the same checks as the torch_native ``test_reference_equivalence.py``
 (its assertions are called here, not copied), on a smaller set of runs of the tiny Llama:
 
-- SnapKV 0.4 (+ a radix hit on its pruned prompt), LaProx 0.3, KVzip gates 0.5 with decode-time
-  pruning every 6 steps: per-layer kept-token sets identical to the HF reference path, greedy tokens
-  identical for 32 decode steps, chosen-token log-probs within 2e-3, decode-time pruning events
-  equal to the reference's; a batch of 4 requests of lengths 40 / 57 / 23 / 9 (9: not pruned);
+- SnapKV 0.4 (+ a radix hit on its pruned prompt), LaProx 0.3 with decode-time pruning every 4
+  steps, KVzip gates 0.5 (keys + attention inputs) with decode-time pruning every 6 steps: per-layer
+  kept-token sets identical to the HF reference path, greedy tokens identical for 32 decode steps,
+  chosen-token log-probs within 2e-3, decode-time pruning events equal to the reference's; a batch
+  of 4 requests of lengths 40 / 57 / 23 / 9 (9: not pruned);
 - ``kv_policy="full"`` on triton gives exactly vanilla SGLang's triton tokens (same batch).
 
-LaProx and ``full`` run with ``SGLANG_DEPTHKV_TRITON_GRAPH_BUFFERS=1``: their decode batches read
-through the CUDA-graph buffers (bound per batch size, refilled in place), so that metadata path is
-checked against the reference too (no graph is captured on CPU). All triton runs use
+KVzip and ``full`` run with ``SGLANG_DEPTHKV_TRITON_GRAPH_BUFFERS=1``: their decode batches read
+through the CUDA-graph buffers (bound per batch size, refilled in place), and KVzip's decode steps
+are recorded in the CUDA-graph ring (``decode_ring.DecodeRing``: queries and attention inputs
+written at the rows bound before the step) with every pruning event run before the next step
+(``backends/graph_decode.py``): the dump says each event came from the ring, and LaProx's (eager
+decode) from the Python lists. No graph is captured on CPU. All triton runs use
 ``triton_attention_num_kv_splits=2`` (interpreter time; the split-K path with empty trailing splits
 on pruned layers is still taken)."""
 
@@ -39,10 +43,11 @@ TRITON = {"attention_backend": "triton", "triton_attention_num_kv_splits": 2, "l
 # name, arch, policy, budget, extra engine kwargs (same shape as torch_native_eq.RUNS)
 RUNS = [
     ("llama-snapkv", "llama", "snapkv", 0.4, {}),
-    ("llama-kvzip-decode", "llama", "kvzip", 0.5, {"kv_decode_interval": 6}),
+    ("llama-laprox-decode", "llama", "laprox", 0.3, {"kv_decode_interval": 4}),
 ]
-GRAPH_BUFFER_RUNS = [("llama-laprox", "llama", "laprox", 0.3, {})]
+GRAPH_BUFFER_RUNS = [("llama-kvzip-decode", "llama", "kvzip", 0.5, {"kv_decode_interval": 6})]
 TRITON_LOG = "sglang-depthkv: attention backend DepthKVTritonAttnBackend"
+RING_LOG = "sglang-depthkv: decode-time pruning through the CUDA-graph ring"
 
 
 def _start(spec, env_extra=None):
@@ -121,6 +126,17 @@ def test_triton_backend_really_ran(setup):
     assert log_g.count(TRITON_LOG) == len(GRAPH_BUFFER_RUNS) + 1  # + full; vanilla: no plugin
     assert "DepthKVTorchNativeAttnBackend" not in log + log_g
     assert "Failed to apply hooks" not in log + log_g
+    assert RING_LOG not in log and log_g.count(RING_LOG) == 1  # kvzip-decode: queries + attention inputs
+    assert "queries + attention inputs" in log_g
+
+
+def test_decode_events_came_from_the_ring(setup):
+    """Graph-buffer decode: every decode-time pruning event was rebuilt from the ring; eager: lists."""
+    graph = {r[0] for r in GRAPH_BUFFER_RUNS}
+    for name, _, _, _, extra in RUNS + GRAPH_BUFFER_RUNS:
+        rows = [r for r in setup["res"][name]["keep"] if r.get("event") == "decode"]
+        assert bool(rows) == bool(extra.get("kv_decode_interval")), name
+        assert {r["source"] for r in rows} <= {"ring" if name in graph else "lists"}, name
 
 
 @pytest.mark.parametrize("name, arch, policy, budget, extra", RUNS + GRAPH_BUFFER_RUNS,

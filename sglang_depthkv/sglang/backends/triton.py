@@ -22,8 +22,9 @@ Scoring and pruning: ``scoring.DepthKVScoringMixin`` (the same steps as the torc
 After SGLang's kernel has written this batch's K/V and computed the layer's output, each request
 whose prefill ends here gets its observation from the layer's held keys/values gathered through the
 held slots and its window queries; after the last layer ``pruning.select_own`` decides and
-``DepthKVAllocator.prune`` frees the dropped slots. Decode-time pruning records each step's
-queries per layer.
+``DepthKVAllocator.prune`` frees the dropped slots. Decode-time pruning (``--kv-decode-interval``)
+records each step's queries per layer: eager decode batches in Python lists (``scoring.py``), CUDA-graph
+decode batches in the preallocated ring of ``graph_decode.py`` (below).
 
 CUDA graphs (decode). ``init_cuda_graph_state`` preallocates per-layer ``[L, max_bs+1]`` indptr,
 ``[L, cap]`` int64 indices (``cap = max_bs * min(context_len, largest layer capacity)``: a request
@@ -35,19 +36,28 @@ batch with device-side launches only (no host sync, no allocation of what the gr
 capture it binds ``forward_metadata`` to views of those buffers, so the captured kernels of layer
 ``l`` read row ``l``; padded rows read one in-bounds slot (``layer_indices``). Nothing the graph
 replays allocates or syncs: the per-layer swap in ``forward_decode`` is Python attribute assignment
-at capture time. Decode-time pruning (Python per step) is refused with CUDA graphs
-(``--kv-decode-interval`` needs ``--disable-cuda-graph``); prefill graphs / speculative modes are
-refused by name.
+at capture time. Decode-time pruning under CUDA graphs (``graph_decode.py``): ``init_cuda_graph_state``
+also allocates the ``DecodeRing`` (one slot per captured batch row); each captured layer writes its
+queries (and, for KVzip gates with hidden states, the attention inputs) with one fixed-shape
+``index_copy_`` at rows bound per batch; ``init_forward_metadata_out_graph`` first runs the pruning
+events due after the previous step (records rebuilt from the ring, the same ``policy.select``),
+then builds the streams, so each step reads the pruned cache as the reference does. Prefill graphs /
+speculative modes are refused by name.
 
 Exercised on CPU (TRITON_INTERPRET=1, ``disable_cuda_graph``): the eager extend / decode paths with
 SGLang's kernels in a real Engine (tests/sglang_e2e/test_triton_equivalence.py); the graph
 metadata path without capture: with ``SGLANG_DEPTHKV_TRITON_GRAPH_BUFFERS=1`` eager decode batches
 use the preallocated buffers, bound once per batch size by ``init_forward_metadata_out_graph(...,
-in_capture=True)`` and refilled in place by ``init_forward_metadata_out_graph(...)`` afterwards (one
-Engine run of that test); the buffer fill with padded rows against a plain-torch gather
-(tests/sglang/test_triton_layer_indices.py). Not exercised here: CUDA-graph capture / replay
-itself, ``get_num_kv_splits_triton`` with a real ``device_core_count``, and GPU stream ordering of
-the end-of-prefill mapping update (on CPU the forward is synchronous; see torch_native.py).
+in_capture=True)`` and refilled in place by ``init_forward_metadata_out_graph(...)`` afterwards, and
+decode-time pruning goes through the ring (one Engine run of that test: KVzip with
+``kv_decode_interval``, events equal to the HF reference's); the buffer fill with padded rows against
+a plain-torch gather (tests/sglang/test_triton_layer_indices.py); the ring against Python lists
+(tests/sglang/test_decode_ring.py) and the ring path with eager batches in between, slots taken
+back, retraction, against the eager path (tests/sglang/test_graph_decode_transitions.py). Not
+exercised here: CUDA-graph capture / replay itself (the ring write recorded in a graph), SGLang's
+padded replay view (``build_replay_fb_view``, ``num_padding``), ``get_num_kv_splits_triton`` with a
+real ``device_core_count``, and GPU stream ordering of the end-of-prefill and decode-time mapping
+updates (on CPU the forward is synchronous; see torch_native.py).
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ import torch
 from sglang.srt.layers.attention.triton_backend import ForwardMetadata, TritonAttnBackend
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+from sglang_depthkv.sglang.backends.graph_decode import GraphDecodePruningMixin
 from sglang_depthkv.sglang.backends.layer_indices import LayerIndexStreams
 from sglang_depthkv.sglang.backends.scoring import DepthKVScoringMixin
 
@@ -77,7 +88,7 @@ def _metadata(**fields) -> ForwardMetadata:
     return ForwardMetadata(**base)
 
 
-class DepthKVTritonAttnBackend(DepthKVScoringMixin, TritonAttnBackend):
+class DepthKVTritonAttnBackend(GraphDecodePruningMixin, DepthKVScoringMixin, TritonAttnBackend):
     def __init__(self, model_runner):
         TritonAttnBackend.__init__(self, model_runner)
         self._init_scoring(model_runner)
@@ -109,8 +120,11 @@ class DepthKVTritonAttnBackend(DepthKVScoringMixin, TritonAttnBackend):
                                       "(speculative decoding is refused at start-up)")
         if mode.is_decode_or_idle():
             self._init_decode(forward_batch)
+            if self._graph_bindings is not None:
+                return  # through the graph buffers: init_forward_metadata_out_graph claimed the batch
         else:
             self._init_extend(forward_batch)
+        self._ring_live = False
         self._begin_forward(forward_batch)
 
     def _init_extend(self, fb):
@@ -143,12 +157,16 @@ class DepthKVTritonAttnBackend(DepthKVScoringMixin, TritonAttnBackend):
         """``GRAPH_BUFFERS_ENV``: first batch of a size binds the metadata (capture), later ones only
         refill the buffers (replay) and reuse that binding."""
         bound = self._graph_bindings.get(bs)
-        if bound is None:
-            self.init_forward_metadata_out_graph(fb, in_capture=True)
-            self._graph_bindings[bs] = (self.forward_metadata, self._layer_streams)
-        else:
-            self.init_forward_metadata_out_graph(fb)
-            self.forward_metadata, self._layer_streams = bound
+        self._eager_through_graph = True
+        try:
+            if bound is None:
+                self.init_forward_metadata_out_graph(fb, in_capture=True)
+                self._graph_bindings[bs] = (self.forward_metadata, self._layer_streams)
+            else:
+                self.init_forward_metadata_out_graph(fb)
+                self.forward_metadata, self._layer_streams = bound
+        finally:
+            self._eager_through_graph = False
 
     def _fill_splits(self, splits, kept, bs):
         if bs == 0:
@@ -158,9 +176,6 @@ class DepthKVTritonAttnBackend(DepthKVScoringMixin, TritonAttnBackend):
 
     # --- CUDA graphs (decode) -------------------------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs, max_num_tokens, kv_indices_buf=None, cuda_graph_num_kv_splits_buf=None):
-        if self.decode_interval:
-            raise ValueError("--kv-decode-interval: decode-time pruning records every step's queries in Python and "
-                             "cannot run inside a CUDA graph; add --disable-cuda-graph")
         if kv_indices_buf is not None or cuda_graph_num_kv_splits_buf is not None:
             raise NotImplementedError(f"{type(self).__name__}: shared graph buffers (speculative draft backends)")
         pool = self.token_to_kv_pool
@@ -172,6 +187,7 @@ class DepthKVTritonAttnBackend(DepthKVScoringMixin, TritonAttnBackend):
                                                   dtype=torch.float32, device=self.device)
         self.cuda_graph_attn_lse = torch.zeros((max_num_tokens, self.num_head, self.max_kv_splits),
                                                dtype=torch.float32, device=self.device)
+        self._init_graph_decode(max_bs)  # the decode-time pruning ring (--kv-decode-interval)
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
         mode = forward_batch.forward_mode
@@ -180,14 +196,16 @@ class DepthKVTritonAttnBackend(DepthKVScoringMixin, TritonAttnBackend):
         if self._graph_splits is None:
             raise RuntimeError(f"{type(self).__name__}: init_forward_metadata_out_graph before init_cuda_graph_state")
         bs = forward_batch.batch_size
+        self._scoring = None
+        self._decode_reqs = None
+        # due decode-time pruning events first: this step's streams read the pruned mapping
+        self._prepare_graph_decode(forward_batch, bs, in_capture)
         indptr, indices, kept = self.streams.fill_graph(forward_batch.req_pool_indices, forward_batch.seq_lens, bs)
         self._fill_splits(self._graph_splits, kept, bs)
         if in_capture:
             self.forward_metadata = _metadata(attn_logits=self.cuda_graph_attn_logits,
                                               attn_lse=self.cuda_graph_attn_lse)
             self._layer_streams = (indptr, indices, self._graph_splits)
-        self._scoring = None
-        self._decode_reqs = None
 
     # --- attention ------------------------------------------------------------------------------------------
     @contextmanager
@@ -213,6 +231,7 @@ class DepthKVTritonAttnBackend(DepthKVScoringMixin, TritonAttnBackend):
             raise NotImplementedError(f"{type(self).__name__}: extend without k/v (reads by logical id) is not supported")
         with self._layer_view(layer):
             o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks, score_mod, aux_tensors)
+        self._record_layer_scaling(layer)
         scoring = self._scoring
         if scoring is not None:
             q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
@@ -231,7 +250,10 @@ class DepthKVTritonAttnBackend(DepthKVScoringMixin, TritonAttnBackend):
         self._check_layer(layer)
         with self._layer_view(layer):
             o = super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache, sinks, score_mod, aux_tensors)
-        if self._decode_reqs is not None:
+        self._record_layer_scaling(layer)
+        if self._ring_live:  # a graph (capture) or graph-buffer batch: one fixed-shape write per tensor
+            self._graph_decode_write(layer, q)
+        elif self._decode_reqs is not None:
             self._feed_decode(layer, q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim))
             seq_lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
                         else forward_batch.seq_lens).tolist()
