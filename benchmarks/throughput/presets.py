@@ -15,6 +15,29 @@ budget keeps those):
 
 Server configurations, in priority order (vanilla first: the ratios need it).
 
+Decode-time pruning (``kv_decode_interval``): the pruning plugin servers (every configuration but
+``vanilla`` and ``full``) get ``--kv-decode-interval I``. Without it decoded tokens are never pruned
+and hold a slot at *every* layer; DepthKV gives some layers a small share of the pool, those fill
+first, and concurrency stays far below the logical-capacity gain (``serving-cpu.md``: depthkv@0.3
+has 2.76x vanilla's logical capacity but only 1.62x its peak running requests; gpu-llama8b's
+smallest depthkv@0.3 layer holds 17,695 slots vs vanilla's 65,536, so 8k + 1k requests might not
+beat vanilla). With it, decoded tokens are pruned in segments of ``I + w`` tokens (``w`` = the
+window, ``--kv-window``, 32 by default: these presets keep it) by the same policy and per-layer
+budgets as the prompt, so the budget covers all KV; a request holds at most ``I + w - 1`` decoded
+tokens unpruned, and each event (one ``policy.select`` over ``I + w`` tokens x every layer, with
+host syncs) runs every ``I`` decode steps per request.
+
+- ``gpu-llama8b``: ``I = 128`` (segments of 160): the unpruned tail is at most 159 tokens, 16% of a
+  1k output, with an event every 128 steps per request (48 concurrent long-decode requests: about
+  0.4 events per decode step). ``I = 256`` would halve the events but leave up to 287 tokens (28%)
+  unpruned; ``I = 64`` the reverse. Under CUDA graphs the steps are recorded in the triton
+  backend's graph ring (queries of the last ``w`` steps per request: ``L * max_bs * (w + 1) *
+  heads * head_dim`` bf16 elements, 2 GiB for Llama-3.1-8B at ``max_bs`` 256, independent of ``I``).
+- ``cpu-tiny``: ``I = 16`` (segments of 48): the 64-token outputs still see an event.
+
+Override per run with ``--plugin-arg=--kv-decode-interval --plugin-arg=N`` (0: prune after prefill
+only; replaces the preset's value).
+
 Sizing of ``gpu-llama8b`` (to fit the GPU session's ~10-minute command next to the other checks):
 the KV pool is pinned to 65,536 vanilla tokens (8 GiB) so that 48 requests of 8k + 1k tokens exceed
 vanilla's pool 6.8 times over while a server's four workloads take about a minute. The issue's 16k
@@ -52,6 +75,8 @@ class Preset:
     load_format: str = "dummy"
     # seconds to assume for a server start / a workload before one was measured (time budget)
     first_start_estimate_s: float = 60.0
+    # --kv-decode-interval of the pruning plugin servers (not vanilla, not full); None: not passed
+    kv_decode_interval: Optional[int] = None
 
     def workload(self, key: str) -> Workload:
         for w in self.workloads:
@@ -83,7 +108,7 @@ CPU_TINY = Preset(
                  timeout_s=180),
     ),
     time_budget_s=1800.0, start_timeout_s=240.0, extra_server_args=("--grammar-backend", "none"),
-    first_start_estimate_s=60.0,
+    first_start_estimate_s=60.0, kv_decode_interval=16,
 )
 
 GPU_LLAMA8B = Preset(
@@ -105,7 +130,7 @@ GPU_LLAMA8B = Preset(
     ),
     time_budget_s=330.0, start_timeout_s=300.0,
     extra_server_args=("--grammar-backend", "none", "--mm-feature-transport=cpu"),
-    first_start_estimate_s=90.0,
+    first_start_estimate_s=90.0, kv_decode_interval=128,
 )
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (CPU_TINY, GPU_LLAMA8B)}

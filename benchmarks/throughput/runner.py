@@ -94,7 +94,18 @@ def server_args(s: RunSetup, cfg: ServerConfig, max_total_tokens: Optional[int])
     a = common_server_args(s)
     if max_total_tokens is not None:
         a += ["--max-total-tokens", str(int(max_total_tokens))]
-    return a + cfg.kv_args(str(s.profile)) + (list(s.plugin_args) if cfg.is_plugin else [])
+    a += cfg.kv_args(str(s.profile)) + decode_interval_args(s, cfg)
+    return a + (list(s.plugin_args) if cfg.is_plugin else [])
+
+
+def decode_interval_args(s: RunSetup, cfg: ServerConfig) -> List[str]:
+    """The preset's ``--kv-decode-interval`` for a pruning plugin server (not vanilla / ``full``), unless
+    the plugin arguments of the run set it."""
+    interval = s.preset.kv_decode_interval
+    if not interval or not cfg.is_plugin or cfg.policy == "full" or any(
+            a == "--kv-decode-interval" or a.startswith("--kv-decode-interval=") for a in s.plugin_args):
+        return []
+    return ["--kv-decode-interval", str(int(interval))]
 
 
 def client_command(s: RunSetup, w: Workload, base_url: str, out_file: Path) -> List[str]:

@@ -223,8 +223,10 @@ def test_gpu_preset_commands(tmp_path):
     common = runner.common_server_args(s)
     assert van == common + ["--max-total-tokens", "65536"]
     assert dk == common + ["--max-total-tokens", "190000", "--kv-policy", "depthkv", "--kv-budget", "0.3",
-                           "--kv-profile", str(s.profile)]
-    assert runner.server_args(s, ServerConfig("full"), 60000)[-2:] == ["--kv-policy", "full"]
+                           "--kv-profile", str(s.profile), "--kv-decode-interval", "128"]
+    assert runner.server_args(s, ServerConfig("laprox", 0.3), 9)[-4:] == ["--kv-budget", "0.3",
+                                                                         "--kv-decode-interval", "128"]
+    assert runner.server_args(s, ServerConfig("full"), 60000)[-2:] == ["--kv-policy", "full"]  # nothing to prune
     assert ["--attention-backend", "triton"] == common[common.index("--attention-backend"):][:2]
     assert ["--load-format", "dummy"] == common[common.index("--load-format"):][:2]
     for flag in ("--disable-cuda-graph", "--chunked-prefill-size", "--dtype", "--max-total-tokens"):
@@ -246,7 +248,7 @@ def test_gpu_preset_commands(tmp_path):
 
 
 def test_cpu_preset_commands_and_plugin_args(tmp_path):
-    s = _setup(tmp_path, ["--preset", "cpu-tiny", "--plugin-arg=--kv-decode-interval", "--plugin-arg=16",
+    s = _setup(tmp_path, ["--preset", "cpu-tiny", "--plugin-arg=--kv-decode-interval", "--plugin-arg=24",
                           "--configs", "vanilla,depthkv@0.2"], "CPU")
     assert json.loads((s.model_dir / "config.json").read_text())["num_hidden_layers"] == 4
     common = runner.common_server_args(s)
@@ -254,8 +256,16 @@ def test_cpu_preset_commands_and_plugin_args(tmp_path):
         assert part == common[common.index(part[0]):][:2]
     assert "--disable-cuda-graph" in common
     assert runner.server_args(s, ServerConfig("vanilla"), 4096)[-2:] == ["--max-total-tokens", "4096"]
-    assert runner.server_args(s, ServerConfig("depthkv", 0.2), 9)[-2:] == ["--kv-decode-interval", "16"]
+    dk = runner.server_args(s, ServerConfig("depthkv", 0.2), 9)
+    assert dk[-2:] == ["--kv-decode-interval", "24"] and dk.count("--kv-decode-interval") == 1  # replaces the preset's
     assert [c.label for c in s.preset.server_configs()] == ["vanilla", "depthkv@0.2"]
+    s = _setup(tmp_path, ["--preset", "cpu-tiny", "--plugin-arg=--kv-decode-interval=0"], "CPU")
+    assert runner.server_args(s, ServerConfig("snapkv", 0.3), 9)[-1] == "--kv-decode-interval=0"
+    assert runner.server_args(s, ServerConfig("snapkv", 0.3), 9).count("--kv-decode-interval") == 0
+    s = _setup(tmp_path, ["--preset", "cpu-tiny"], "CPU")
+    assert runner.server_args(s, ServerConfig("snapkv", 0.3), 9)[-2:] == ["--kv-decode-interval", "16"]
+    assert "--kv-decode-interval" not in runner.server_args(s, ServerConfig("vanilla"), 9)
+    assert "--kv-decode-interval" not in runner.server_args(s, ServerConfig("full"), 9)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -294,6 +304,8 @@ def test_cli_help_and_gpu_dry_run(tmp_path):
     assert [l.split("]")[0][8:] for l in servers] == ["vanilla", "depthkv@0.3", "depthkv@0.1", "full", "laprox@0.3",
                                                       "depthkv@0.5", "depthkv@0.2"]
     assert "--max-total-tokens 65536" in servers[0] and "--kv-policy" not in servers[0]
+    assert all("--kv-decode-interval 128" in l for i, l in enumerate(servers) if i not in (0, 3))
+    assert "--kv-decode-interval" not in servers[0] + servers[3]  # vanilla, full
     assert "device: NVIDIA H200; time budget 330 s" in d.stdout
     assert len([l for l in d.stdout.splitlines() if l.startswith("[client ")]) == 4
 
