@@ -15,8 +15,9 @@ the answer tokens are cut with the sweep's own stop rule (``sweep.stop_rule``) a
 
 Equivalence settings (what makes server == reference the same algorithm):
 - ``--dtype float32`` (the reference's dtype), ``--attention-backend torch_native``;
-- ``--chunked-prefill-size`` >= the longest prompt: the plugin prunes only the final chunk of a
-  chunked prompt (earlier chunks are tree-owned), the reference prunes the whole prompt at once;
+- ``--chunked-prefill-size`` >= the longest prompt: every prompt in one prefill, as the reference
+  (a chunked prompt is pruned whole at its final chunk too, ``sglang/chunk_ownership.py``, but one
+  prefill keeps the float32 arithmetic closest to the reference's);
 - ``--disable-radix-cache`` (default; ``--radix-cache`` keeps it): the prompts share their chat
   template head, which a later request would find in the tree, tree-owned and not re-pruned, and
   it would spend its budget on its own segment only;

@@ -150,8 +150,7 @@ def markdown(doc: dict) -> str:
            "`--disable-radix-cache`: the prompts share their chat-template head, which the tree would hand a later "
            "request as a tree-owned prefix, never re-pruned (the request's budget then covers only its own "
            "segment) — not the reference's decision.")
-        + " `--chunked-prefill-size` covers the longest prompt: the plugin prunes only the final chunk of a "
-        "chunked prompt (earlier chunks are tree-owned), the reference the whole prompt.", "",
+        + " `--chunked-prefill-size` covers the longest prompt: every prompt in one prefill, as the reference.", "",
         "## Mean score, server / HF reference (all samples)", "",
         _table(recs, "all", budgets, fmt), "",
         f"Check (|server − reference| <= {TOLERANCE_POINTS:g} points at every policy and budget): "

@@ -6,13 +6,12 @@ a server with the DepthKV plugin:
     source scripts/cpu-env.sh     # on a CPU-only machine
     python -m sglang.launch_server --model-path $SMOLLM2_DIR --port 30000 \\
         --device cpu --disable-cuda-graph --attention-backend torch_native --dtype float32 \\
-        --max-total-tokens 16384 --chunked-prefill-size 4096 \\
+        --max-total-tokens 16384 \\
         --kv-policy depthkv --kv-budget 0.3 --kv-profile benchmarks/results/smollm2_profile.json
     python examples/long_document_forks.py --url http://127.0.0.1:30000
 
-``--chunked-prefill-size 4096`` (CPU default 2048) lets the ~2.2k-token shared prefix be prefilled,
-and so pruned, in one piece: with chunking, the earlier chunks enter the radix tree unpruned
-(tree-owned) and only the last chunk is pruned.
+A shared prefix longer than ``--chunked-prefill-size`` (CPU default 2048) is prefilled in chunks and
+pruned whole at its final chunk, as one unchunked prefill would be.
 
 The document (~2.1k tokens of Austen's *Persuasion* with three planted facts) goes into the
 prompt once; ``s.fork(3)`` first sends the shared text (system turn + document) as one prefill, which

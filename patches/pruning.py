@@ -1,6 +1,6 @@
 """Hook: ``ForwardBatch.init_new`` (AFTER). Under a pruning ``--kv-policy``, builds one
-``observations.ExtendEntry`` per request of an extend batch (prefix / sequence lengths, the
-tree-owned bound ``cache_protected_len``, and whether its prefill ends in this batch: every request
+``observations.ExtendEntry`` per request of an extend batch (prefix / sequence lengths, where its
+own tokens begin (``chunk_ownership``), and whether its prefill ends in this batch: every request
 except the batch's ``chunked_req``; mixed-in decode requests get ``None``) and hands them to the
 attention backend as ``model_runner.depthkv_pending_entries``, which the backend claims in
 ``init_forward_metadata`` (SGLang's eager runner re-packs the ForwardBatch before the forward,

@@ -9,7 +9,8 @@ boundary); and that prefix is the pruned one, pruned exactly once: the kept-set 
 frontend's prefix commit, D = its length), which keeps about budget x D tokens per layer on average
 (DepthKV's water-filling on the profile, recomputed here by the core allocator), and every fork's
 decision starts at ``own_lo`` = its cached length (>= D - margin): no position of the prefix is
-ever pruned again."""
+ever pruned again. The server chunks the prefix (``--chunked-prefill-size 1024``): its earlier chunks
+enter the radix tree before the last one runs, and the one decision still covers ``[0, D)``."""
 
 import json
 import os
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.engine
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE = ROOT / "benchmarks" / "results" / "smollm2_profile.json"
 BUDGET, SINKS, WINDOW = 0.3, 4, 32
+CHUNK = 1024  # splits the ~2.2k-token shared prefix into 3 chunks: pruned whole at its final chunk (chunk_ownership)
 MARGIN = 4  # tokens at the document / question boundary that may tokenize differently
 WARMUP_TOKENS = 64  # the server's own warm-up request at start-up is a few tokens long
 
@@ -39,8 +41,10 @@ def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("frontend")
     dump, out = tmp / "keep.jsonl", tmp / "answers.json"
     model = export_hf_dir()
-    flags = ["--dtype", "float32", "--attention-backend", "torch_native", "--max-total-tokens", "8192",
-             "--chunked-prefill-size", "4096", "--log-level", "warning",
+    # 32768 logical tokens: the smallest DepthKV layer (fraction ~0.05) plus one chunk of headroom holds the
+    # whole ~2.2k-token prompt before it is pruned (patches/request_limits.py refuses longer prompts)
+    flags = ["--dtype", "float32", "--attention-backend", "torch_native", "--max-total-tokens", "32768",
+             "--chunked-prefill-size", str(CHUNK), "--log-level", "warning",
              "--kv-policy", "depthkv", "--kv-budget", str(BUDGET), "--kv-profile", str(PROFILE),
              "--kv-sinks", str(SINKS), "--kv-window", str(WINDOW)]
     with SGLangServer(model, flags, log_path=tmp / "server.log", env={DUMP_ENV: str(dump)},
