@@ -138,7 +138,7 @@ def build_observation(layer: int, local_layer: int, entry: ExtendEntry, st: Chun
         hidden = _cat(st.hidden[local_layer], h_req, 0)
     if own_only:
         keys, values = keys[:, own_mask], values[:, own_mask]
-        own_cols = torch.arange(m_own)
+        own_cols = torch.arange(m_own, device=kpos.device)
         if hidden is not None:
             # the stash holds the rows of every chunk since the first; own_lo may have moved past some
             # (``chunk_ownership``): the own segment is always the last m_own rows

@@ -72,7 +72,7 @@ class PruneRecord:
 
 
 def dropped_positions(keep: torch.Tensor, own_lo: int, seq_len: int) -> torch.Tensor:
-    own = torch.arange(own_lo, seq_len, dtype=torch.int64)
+    own = torch.arange(own_lo, seq_len, dtype=torch.int64, device=keep.device)
     return own[~torch.isin(own, keep.to(torch.int64))]
 
 

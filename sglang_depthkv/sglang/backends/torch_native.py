@@ -69,10 +69,10 @@ class DepthKVTorchNativeAttnBackend(DepthKVScoringMixin, TorchNativeAttnBackend)
         for i, (seq, pre, rpi) in enumerate(zip(seq_lens, prefix_lens, rpis)):
             seq, m = int(seq), int(seq) - pre
             kpos, slots = self._held(layer.layer_id, rpi, seq)
-            if kpos.numel() < m or not bool((kpos[kpos.numel() - m:] == torch.arange(pre, seq)).all()):
+            if kpos.numel() < m or not bool((kpos[kpos.numel() - m:] == torch.arange(pre, seq, device=kpos.device)).all()):
                 raise RuntimeError(f"layer {layer.layer_id}: a new token of request {i} holds no slot at this layer")
             qi = q_[start:start + m].movedim(0, 1)  # [qh, m, d]
-            out, keys, values = self._attend(qi, k_cache, v_cache, slots, kpos, torch.arange(pre, seq), layer)
+            out, keys, values = self._attend(qi, k_cache, v_cache, slots, kpos, torch.arange(pre, seq, device=kpos.device), layer)
             o_[start:start + m] = out.movedim(0, 1)
             if scoring is not None:
                 self._score_request(scoring, i, layer, qi, start, m, lambda: (kpos, keys, values))
@@ -97,7 +97,7 @@ class DepthKVTorchNativeAttnBackend(DepthKVScoringMixin, TorchNativeAttnBackend)
             if kpos.numel() == 0 or int(kpos[-1]) != seq - 1:
                 raise RuntimeError(f"layer {layer.layer_id}: the decoded token of request {i} holds no slot")
             out, _, _ = self._attend(q_[i:i + 1].movedim(0, 1), k_cache, v_cache, slots, kpos,
-                                     torch.tensor([seq - 1]), layer)
+                                     torch.tensor([seq - 1], device=kpos.device), layer)
             o_[i:i + 1] = out.movedim(0, 1)
         self._feed_decode(layer, q_)
         self._end_decode_layer(layer, seq_lens)
