@@ -30,6 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.machine import cpu_model_name  # noqa: E402
 from benchmarks.throughput import bound, report  # noqa: E402
 from benchmarks.throughput.presets import PRESETS, Preset  # noqa: E402
 from benchmarks.throughput.workloads import override_workload, parse_config  # noqa: E402
@@ -131,14 +132,7 @@ def detect_device(preset: Preset, override: str = None) -> tuple:
     if override:
         name = override
     elif preset.device == "cpu":
-        model = ""
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+        model = cpu_model_name()
         name = f"CPU ({model}, {os.cpu_count()} cores)" if model else "CPU"
     else:
         try:

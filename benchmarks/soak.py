@@ -49,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
+from machine import cpu_model_name  # noqa: E402
 from server import SGLangServer, _cuda_available, http_json  # noqa: E402
 from soak_checks import invariant_verdict, kept_fraction_in_tree, parse_server_log  # noqa: E402
 from soak_client import send_all  # noqa: E402
@@ -202,14 +203,7 @@ def device_description(on_cpu: bool) -> str:
         import torch
 
         return f"{torch.cuda.get_device_name(0)} (CUDA), {os.cpu_count()} CPU cores"
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model_name() or platform.processor() or "unknown CPU"
     return f"CPU only: {model}, {os.cpu_count()} cores"
 
 
