@@ -155,7 +155,7 @@ def eager_step(host, keys):
     host.depthkv_pending_decode_reqs = reqs
     host._ring_live = False
     host._begin_forward(fb)
-    return fb, lambda qs: [(host._feed_decode(layer, q.view(-1, QH, D)), host._end_decode_layer(layer, seqs.tolist()))
+    return fb, lambda qs: [(host._feed_decode(layer, q.view(-1, QH, D)), host._end_decode_layer(layer, fb))
                            for layer, q in zip(host.layers, qs)]
 
 

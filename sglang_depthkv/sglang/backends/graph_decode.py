@@ -52,7 +52,7 @@ import logging
 from typing import List, Optional
 
 from sglang_depthkv.sglang import decode_pruning as DP
-from sglang_depthkv.sglang.backends.scoring import _host_lens
+from sglang_depthkv.sglang.backends.scoring import host_seq_lens
 from sglang_depthkv.sglang.decode_ring import DecodeRing
 
 logger = logging.getLogger("sglang_depthkv")
@@ -110,7 +110,7 @@ class GraphDecodePruningMixin:
         if ring is None:
             raise RuntimeError("DepthKV: CUDA-graph decode with --kv-decode-interval before init_cuda_graph_state")
         self._install_hidden_hooks()
-        lens = _host_lens(fb, raw_bs)
+        lens = host_seq_lens(fb, raw_bs)
         states = self._begin_decode_states(reqs, lens)
         self._run_due_from_ring(reqs, states)
         self._take_slots(reqs, states)

@@ -140,7 +140,7 @@ class DepthKVScoringMixin:
             reqs = self._claim_decode_reqs(forward_batch.batch_size)
             if reqs is not None:
                 self._install_hidden_hooks()
-                states = self._begin_decode_states(reqs, _host_lens(forward_batch, len(reqs)))
+                states = self._begin_decode_states(reqs, host_seq_lens(forward_batch, len(reqs)))
                 self._before_eager_decode(reqs, states)
                 self._run_due_decode_events(reqs, states)
                 self._decode_reqs = reqs
@@ -252,9 +252,9 @@ class DepthKVScoringMixin:
             h = self._hidden[layer.layer_id][i:i + 1] if self._needs_hidden else None
             DP.record_feed(st, local, q[i:i + 1].movedim(0, 1), h, layer.scaling, self.policy.window)
 
-    def _end_decode_layer(self, layer, seq_lens) -> None:
+    def _end_decode_layer(self, layer, forward_batch) -> None:
         if self._decode_reqs is not None and self._is_last_layer(layer):
-            self._finish_decode(seq_lens)
+            self._finish_decode(host_seq_lens(forward_batch, len(self._decode_reqs)))
 
     def _finish_decode(self, seq_lens):
         states = []
@@ -267,7 +267,7 @@ class DepthKVScoringMixin:
         self._hidden.clear()
 
 
-def _host_lens(forward_batch, n: int) -> List[int]:
+def host_seq_lens(forward_batch, n: int) -> List[int]:
     """The first ``n`` sequence lengths on the host (``seq_lens_cpu`` when the batch has it, else one
     device-to-host copy)."""
     lens = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens

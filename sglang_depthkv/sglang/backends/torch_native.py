@@ -34,7 +34,7 @@ import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from torch.nn.functional import scaled_dot_product_attention
 
-from sglang_depthkv.sglang.backends.scoring import DepthKVScoringMixin, build_policy  # noqa: F401 (re-export)
+from sglang_depthkv.sglang.backends.scoring import DepthKVScoringMixin, build_policy, host_seq_lens  # noqa: F401
 
 
 class DepthKVTorchNativeAttnBackend(DepthKVScoringMixin, TorchNativeAttnBackend):
@@ -89,8 +89,7 @@ class DepthKVTorchNativeAttnBackend(DepthKVScoringMixin, TorchNativeAttnBackend)
         q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
         k_cache, v_cache = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
-        seq_lens = forward_batch.seq_lens_cpu.tolist() if forward_batch.seq_lens_cpu is not None \
-            else forward_batch.seq_lens.tolist()
+        seq_lens = host_seq_lens(forward_batch, forward_batch.batch_size)
         for i, (seq, rpi) in enumerate(zip(seq_lens, forward_batch.req_pool_indices.tolist())):
             seq = int(seq)
             kpos, slots = self._held(layer.layer_id, rpi, seq)
@@ -100,7 +99,7 @@ class DepthKVTorchNativeAttnBackend(DepthKVScoringMixin, TorchNativeAttnBackend)
                                      torch.tensor([seq - 1], device=kpos.device), layer)
             o_[i:i + 1] = out.movedim(0, 1)
         self._feed_decode(layer, q_)
-        self._end_decode_layer(layer, seq_lens)
+        self._end_decode_layer(layer, forward_batch)
         return o
 
     # --- scoring and pruning ------------------------------------------------------------------------

@@ -255,7 +255,5 @@ class DepthKVTritonAttnBackend(GraphDecodePruningMixin, DepthKVScoringMixin, Tri
             self._graph_decode_write(layer, q)
         elif self._decode_reqs is not None:
             self._feed_decode(layer, q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim))
-            seq_lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
-                        else forward_batch.seq_lens).tolist()
-            self._end_decode_layer(layer, seq_lens)
+            self._end_decode_layer(layer, forward_batch)
         return o
