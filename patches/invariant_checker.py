@@ -18,16 +18,17 @@ def check_all_pools_after(result, self, ps, uncached=0, **_kw):
         return result
     from sglang_depthkv.sglang.allocator import DepthKVAllocator
     from sglang_depthkv.sglang.invariant_log import invariant_log, layer_state
-    from sglang_depthkv.sglang.invariants import check
+    from sglang_depthkv.sglang.invariants import check, tree_layer_sizes
 
     alloc = self.token_to_kv_pool_allocator
     if not isinstance(alloc, DepthKVAllocator):
         return result
-    problems = check(alloc, self.tree_cache)
+    sizes = tree_layer_sizes(alloc, self.tree_cache)  # one tree walk for the check and the log
+    problems = check(alloc, self.tree_cache, tree_sizes=sizes)
     has_leak, messages = result
     log = invariant_log()
     if log is not None:
-        log.record("idle", layer_state(alloc, self.tree_cache), problems, has_leak, messages)
+        log.record("idle", layer_state(alloc, self.tree_cache, sizes), problems, has_leak, messages)
     global _logged
     if not _logged or problems:
         _logged = True

@@ -28,15 +28,14 @@ from typing import List, Optional
 ENV = "SGLANG_DEPTHKV_INVARIANT_LOG"
 
 
-def layer_state(alloc, tree_cache=None) -> dict:
+def layer_state(alloc, tree_cache=None, tree_sizes=None) -> dict:
     """Per-layer and logical counts of ``DepthKVAllocator`` ``alloc`` and its tree, and this
-    process's pressure counters (``sglang/pressure.py``)."""
+    process's pressure counters (``sglang/pressure.py``). ``tree_sizes``: the tree's per-layer
+    (evictable, protected) counts when the caller has them already."""
+    from sglang_depthkv.sglang.invariants import tree_layer_sizes
     from sglang_depthkv.sglang.pressure import COUNTERS
 
-    L = alloc.num_layers
-    ev, pr = [0] * L, [0] * L
-    if tree_cache is not None and hasattr(tree_cache, "layer_tree_sizes"):
-        ev, pr = tree_cache.layer_tree_sizes()
+    ev, pr = tree_sizes if tree_sizes is not None else tree_layer_sizes(alloc, tree_cache)
     return {
         "capacity": list(alloc.layer_capacities),
         "free": alloc.layer_available_sizes(),

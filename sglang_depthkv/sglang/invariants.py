@@ -8,7 +8,7 @@ Drained (after the whole tree was evicted at idle, before a flush): every slot o
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -35,11 +35,18 @@ def structural_violations(alloc) -> List[str]:
     return out
 
 
-def accounting_violations(alloc, tree_cache=None, request_held: Optional[Sequence[int]] = None) -> List[str]:
-    L = alloc.num_layers
-    ev, pr = ([0] * L, [0] * L)
+def tree_layer_sizes(alloc, tree_cache=None) -> Tuple[List[int], List[int]]:
+    """Per layer (evictable, protected) slots held by the tree (zeros without a per-layer tree)."""
     if tree_cache is not None and hasattr(tree_cache, "layer_tree_sizes"):
-        ev, pr = tree_cache.layer_tree_sizes()
+        return tree_cache.layer_tree_sizes()
+    return [0] * alloc.num_layers, [0] * alloc.num_layers
+
+
+def accounting_violations(alloc, tree_cache=None, request_held: Optional[Sequence[int]] = None,
+                          tree_sizes=None) -> List[str]:
+    """``tree_sizes``: ``tree_layer_sizes(alloc, tree_cache)`` when the caller has it already (one tree walk)."""
+    L = alloc.num_layers
+    ev, pr = tree_sizes if tree_sizes is not None else tree_layer_sizes(alloc, tree_cache)
     held = list(request_held) if request_held is not None else [0] * L
     out = []
     for l, cap in enumerate(alloc.layer_capacities):
@@ -52,8 +59,8 @@ def accounting_violations(alloc, tree_cache=None, request_held: Optional[Sequenc
     return out
 
 
-def check(alloc, tree_cache=None, request_held=None) -> List[str]:
-    return structural_violations(alloc) + accounting_violations(alloc, tree_cache, request_held)
+def check(alloc, tree_cache=None, request_held=None, tree_sizes=None) -> List[str]:
+    return structural_violations(alloc) + accounting_violations(alloc, tree_cache, request_held, tree_sizes)
 
 
 def drained_violations(alloc) -> List[str]:
