@@ -13,13 +13,14 @@ from __future__ import annotations
 import re
 from typing import List
 
+from throughput.logparse import capacity_table  # benchmarks/ is on sys.path (soak.py)
+
 DECODE_RE = re.compile(r"Decode batch.*?#running-req: (\d+).*?token usage: ([0-9.]+).*?#queue-req: (\d+)")
 PREFILL_RE = re.compile(r"Prefill batch.*?#new-seq: (\d+).*?token usage: ([0-9.]+).*?#running-req: (\d+), "
                         r"#queue-req: (\d+)")
 RETRACT_RE = re.compile(r"KV cache pool is full\. Retract requests\. #retracted_reqs: (\d+)")
 CAP_RE = re.compile(r"sglang-depthkv: request length capped at (\d+) tokens \(input (\d+)\)")
 LEAK_RE = re.compile(r"memory leak detected|Mem Leak Detected|per-layer slots leaked|Traceback \(most recent call last\)")
-TABLE_RE = re.compile(r"^\s+(\d+)\s+([0-9.]+)\s+(\d+)\s+[0-9.]+\s*$", re.M)
 
 
 def parse_server_log(text: str) -> dict:
@@ -27,9 +28,7 @@ def parse_server_log(text: str) -> dict:
     prefill = [(int(a), float(b), int(c), int(d)) for a, b, c, d in PREFILL_RE.findall(text)]
     retract = [int(x) for x in RETRACT_RE.findall(text)]
     cap = CAP_RE.search(text)
-    table = {}
-    for layer, frac, capacity in TABLE_RE.findall(text.split("sglang-depthkv capacity:", 1)[-1][:20000]):
-        table.setdefault(int(layer), (float(frac), int(capacity)))
+    table = capacity_table(text)  # the plugin's start-up table, parsed as the serving benchmark does
     return {
         "decode_steps_logged": len(decode),
         "peak_running_decode": max((d[0] for d in decode), default=0),
@@ -41,8 +40,8 @@ def parse_server_log(text: str) -> dict:
         "retracted_requests": sum(retract),
         "request_len_cap": int(cap.group(1)) if cap else None,
         "request_input_len_cap": int(cap.group(2)) if cap else None,
-        "layer_fractions": [table[l][0] for l in sorted(table)],
-        "layer_capacities": [table[l][1] for l in sorted(table)],
+        "layer_fractions": table["fractions"] if table else [],
+        "layer_capacities": table["capacities"] if table else [],
         "leak_or_traceback_lines": [l.strip()[:300] for l in text.splitlines() if LEAK_RE.search(l)][:20],
     }
 
