@@ -1,6 +1,7 @@
 """Hooks on ``ServerArgs``: the ``--kv-*`` flags (CLI) and the ``kv_*`` keywords (``Engine(...)``).
 
-The settings are validated before ``ServerArgs`` resolves (flag values) and right after (SGLang flags
+The settings are validated before ``ServerArgs`` resolves (flag values; the attention backend and the
+prefill CUDA graph are settled there, ``config.prepare_server_kwargs``) and right after (SGLang flags
 they cannot be combined with, the model, the profile / gate files), then attached as the underscore
 attribute ``_depthkv_settings``, which survives the pickle into the scheduler processes.
 """
@@ -28,8 +29,7 @@ def from_cli_args_around(orig, cls, args):
     settings = C.parse_settings(raw)
     if settings is None:
         return orig(cls, args)
-    if getattr(args, "attention_backend", None) is None:
-        args.attention_backend = C.default_attention_backend(getattr(args, "device", None))
+    C.prepare_server_kwargs(settings, vars(args))  # the namespace's own dict: edits reach ``orig``
     sa = orig(cls, args)
     _attach(sa, settings)
     return sa

@@ -12,9 +12,13 @@ fault, before any model weight is loaded.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, MutableMapping, Optional
+
+logger = logging.getLogger("sglang_depthkv")
 
 POLICY_CHOICES = ("depthkv", "laprox", "kvzip", "snapkv", "pyramid", "streamingllm", "full")
 
@@ -38,6 +42,9 @@ SUPPORTED_ATTENTION_BACKENDS = ("torch_native", "triton")  # default under --kv-
 # Model architectures whose every layer is plain full attention with an MHA/GQA KV cache.
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 _MODEL_DTYPE_KV = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", None)
+
+
+_LAPROX_WHY = "LaProx reads o_proj.weight as a float matrix; quantized weights have other layouts"
 
 
 class DepthKVConfigError(ValueError):
@@ -140,35 +147,82 @@ def parse_settings(raw: Mapping[str, Any]) -> Optional[DepthKVSettings]:
     if policy != "kvzip" and gates is not None:
         raise DepthKVConfigError("--kv-gates", f"only used by --kv-policy kvzip, not {policy}")
 
+    window = _int_flag(raw, "kv_window", DEFAULT_WINDOW, 0)
+    decode_interval = _int_flag(raw, "kv_decode_interval", DEFAULT_DECODE_INTERVAL, 0)
+    if decode_interval > 0 and window == 0:
+        # Decode-time pruning scores the decoded tokens with the last --kv-window queries.
+        raise DepthKVConfigError("--kv-decode-interval", f"{decode_interval} re-prunes with the last --kv-window "
+                                 "queries; it needs --kv-window >= 1, got 0")
+
     return DepthKVSettings(
         policy=policy,
         budget=budget,
         profile=None if profile is None else str(profile),
         gates=None if gates is None else str(gates),
-        window=_int_flag(raw, "kv_window", DEFAULT_WINDOW, 0),
+        window=window,
         sinks=_int_flag(raw, "kv_sinks", DEFAULT_SINKS, 0),
-        decode_interval=_int_flag(raw, "kv_decode_interval", DEFAULT_DECODE_INTERVAL, 0),
+        decode_interval=decode_interval,
     )
+
+
+def is_cuda_device(device) -> bool:
+    """Whether ``--device`` (unset / ``auto``: whatever torch sees) is a CUDA device."""
+    if device in (None, "auto"):
+        try:
+            import torch
+
+            return bool(torch.cuda.is_available())
+        except Exception:  # noqa: BLE001 - no torch: not a CUDA machine
+            return False
+    return str(device).startswith("cuda")
 
 
 def default_attention_backend(device) -> str:
     """The backend pinned under ``--kv-policy`` when the user names none (SGLang's own default, e.g.
     fa3 on Hopper, does not read through our mapping): ``triton`` on CUDA (SGLang's Triton kernels,
     CUDA-graph capable), ``torch_native`` elsewhere (the CPU path)."""
-    if device in (None, "auto"):
-        try:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        except Exception:  # noqa: BLE001 - no torch: not a CUDA machine
-            device = "cpu"
-    return "triton" if str(device).startswith("cuda") else "torch_native"
+    return "triton" if is_cuda_device(device) else "torch_native"
 
 
-def prepare_server_kwargs(settings: DepthKVSettings, kwargs: dict) -> None:
-    """Before ``ServerArgs`` resolves: pin the attention backend when the user left it unset."""
+def _requested_prefill_graph(kwargs: Mapping[str, Any]):
+    """``(flag, backend)`` of the prefill CUDA-graph backend the user chose, or ``None`` when SGLang's
+    default applies. Same precedence as ``ServerArgs._parse_cuda_graph_config``: the
+    ``--cuda-graph-config`` JSON wins over ``--cuda-graph-backend-prefill``, which wins over the
+    ``--disable-prefill-cuda-graph`` / ``disable_cuda_graph`` off-switches."""
+    cfg = kwargs.get("cuda_graph_config")
+    if cfg is not None and hasattr(cfg, "to_dict"):  # a CudaGraphConfig object: only its non-defaults count
+        cfg = cfg.to_dict()
+    if isinstance(cfg, Mapping) and isinstance(cfg.get("prefill"), Mapping) and "backend" in cfg["prefill"]:
+        return "--cuda-graph-config", cfg["prefill"]["backend"]
+    if kwargs.get("cuda_graph_backend_prefill") is not None:
+        return "--cuda-graph-backend-prefill", kwargs["cuda_graph_backend_prefill"]
+    if kwargs.get("disable_prefill_cuda_graph") or kwargs.get("disable_cuda_graph"):
+        return "--disable-prefill-cuda-graph", "disabled"
+    return None
+
+
+_PREFILL_GRAPH_WHY = ("a captured prefill builds its ForwardBatch without ForwardBatch.init_new, so the "
+                      "per-layer scoring and pruning hooks would not run")
+
+
+def prepare_server_kwargs(settings: DepthKVSettings, kwargs: MutableMapping[str, Any]) -> None:
+    """Before ``ServerArgs`` resolves (``kwargs``: the ``ServerArgs`` keywords, or ``vars()`` of the
+    CLI namespace): pin the attention backend when the user left it unset, and keep prefill out of
+    CUDA graphs. SGLang 0.5.17 captures prefill with its breakable CUDA-graph backend by default on
+    CUDA; under ``--kv-policy`` the plugin sets SGLang's own ``--disable-prefill-cuda-graph`` then,
+    and refuses a prefill graph backend the user asked for."""
     if kwargs.get("attention_backend") is None:
         kwargs["attention_backend"] = default_attention_backend(kwargs.get("device"))
+    requested = _requested_prefill_graph(kwargs)
+    if requested is not None:
+        flag, backend = requested
+        if backend != "disabled":
+            raise DepthKVConfigError(flag, f"prefill CUDA graph backend {backend!r} is not supported with "
+                                     f"--kv-policy ({_PREFILL_GRAPH_WHY}); decode CUDA graphs stay supported")
+    elif is_cuda_device(kwargs.get("device")):
+        kwargs["disable_prefill_cuda_graph"] = True
+        logger.info("sglang-depthkv: --kv-policy sets --disable-prefill-cuda-graph (prefill runs eagerly; "
+                    "decode CUDA graphs stay on)")
 
 
 def check_server_args(settings: DepthKVSettings, sa) -> None:
@@ -189,11 +243,30 @@ def check_server_args(settings: DepthKVSettings, sa) -> None:
             raise DepthKVConfigError(flag, f"{g(name)} not supported with --kv-policy (single rank only for now)")
     if g("enable_dp_attention"):
         raise DepthKVConfigError("--enable-dp-attention", "not supported with --kv-policy")
+    on_cuda = str(g("device") or "").startswith("cuda")
     for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
         v = g(name)
         if v is not None and v not in SUPPORTED_ATTENTION_BACKENDS:
             raise DepthKVConfigError("--" + name.replace("_", "-"),
                                      f"{v!r} not supported with --kv-policy; supported: {', '.join(SUPPORTED_ATTENTION_BACKENDS)}")
+        if v == "torch_native" and on_cuda:
+            raise DepthKVConfigError("--" + name.replace("_", "-"),
+                                     "'torch_native' on CUDA is not supported with --kv-policy (it syncs with the "
+                                     "host thousands of times per step and SGLang turns CUDA graphs off for it); "
+                                     "use triton, the CUDA backend under --kv-policy")
+    if g("enable_torch_compile"):
+        raise DepthKVConfigError("--enable-torch-compile", "not supported with --kv-policy (the per-layer pool "
+                                 "swap and the scoring hooks run Python per layer and are not compile-safe)")
+    prefill_graph = getattr(getattr(g("cuda_graph_config"), "prefill", None), "backend", None)
+    if prefill_graph not in (None, "disabled"):
+        raise DepthKVConfigError("--cuda-graph-backend-prefill", f"prefill CUDA graph backend {prefill_graph!r} "
+                                 f"is not supported with --kv-policy ({_PREFILL_GRAPH_WHY}); pass "
+                                 "--cuda-graph-backend-prefill disabled")
+    if settings.policy == "laprox":
+        for name in ("quantization", "modelopt_quant"):
+            if g(name):
+                raise DepthKVConfigError("--" + name.replace("_", "-"), f"{g(name)!r} not supported with "
+                                         f"--kv-policy laprox ({_LAPROX_WHY})")
     if g("radix_cache_backend"):
         raise DepthKVConfigError("--radix-cache-backend", "the plugin installs its own per-layer radix cache; "
                                  "do not combine --kv-policy with another radix-cache backend")
@@ -214,8 +287,9 @@ def check_server_args(settings: DepthKVSettings, sa) -> None:
         raise DepthKVConfigError("--enable-lora", "not supported with --kv-policy")
 
 
-def check_model(settings: DepthKVSettings, hf_config) -> None:
-    """Refuse models whose attention is not plain per-layer MHA/GQA (MLA, sliding window, hybrid)."""
+def check_model(settings: DepthKVSettings, hf_config, model_path: Optional[str] = None) -> None:
+    """Refuse models whose attention is not plain per-layer MHA/GQA (MLA, sliding window, hybrid), and
+    quantized checkpoints under LaProx (``model_path``: the local directory, for ``hf_quant_config.json``)."""
     archs = list(getattr(hf_config, "architectures", None) or [])
     if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
         raise DepthKVConfigError("--model-path", f"architecture {archs} not supported with --kv-policy; "
@@ -230,6 +304,15 @@ def check_model(settings: DepthKVSettings, hf_config) -> None:
     if layer_types and any(t != "full_attention" for t in layer_types):
         raise DepthKVConfigError("--model-path", f"hybrid models (layer types {sorted(set(layer_types))}) are not "
                                  "supported with --kv-policy")
+    if settings.policy == "laprox":
+        quant = getattr(hf_config, "quantization_config", None) or getattr(hf_config, "compression_config", None)
+        if quant is None and model_path and os.path.isfile(os.path.join(str(model_path), "hf_quant_config.json")):
+            quant = "hf_quant_config.json"  # ModelOpt checkpoints keep it beside config.json
+        if quant is not None:
+            method = (quant.get("quant_method", "?") if isinstance(quant, Mapping)
+                      else getattr(quant, "quant_method", quant))
+            raise DepthKVConfigError("--model-path", f"quantized checkpoint ({method}) not supported with "
+                                     f"--kv-policy laprox ({_LAPROX_WHY})")
 
 
 def model_identity(hf_config):
@@ -284,7 +367,7 @@ def load_hf_config(sa):
 def validate_all(settings: DepthKVSettings, sa) -> None:
     check_server_args(settings, sa)
     hf = load_hf_config(sa)
-    check_model(settings, hf)
+    check_model(settings, hf, getattr(sa, "model_path", None))
     check_files(settings, hf)
     ctx = getattr(sa, "context_length", None) or getattr(hf, "max_position_embeddings", None) or 0
     if ctx:

@@ -72,6 +72,8 @@ def cli(model, *flags):
         ({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_window": -1}, "--kv-window"),
         ({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_sinks": 1.5}, "--kv-sinks"),
         ({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_decode_interval": -2}, "--kv-decode-interval"),
+        # decode-time pruning scores with the last --kv-window queries: none with a zero window
+        ({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_window": 0, "kv_decode_interval": 4}, "--kv-decode-interval"),
         ({"kv_budget": 0.3}, "--kv-budget"),  # a kv flag without a policy would be silently ignored
     ],
 )
@@ -88,6 +90,8 @@ def test_parse_settings_defaults():
     assert (s.policy, s.budget, s.sinks, s.window, s.decode_interval) == ("full", 1.0, 4, 32, 0)
     s = parse_settings({"kv_policy": "streamingllm", "kv_budget": 0.25, "kv_window": 8, "kv_sinks": 2})
     assert (s.budget, s.window, s.sinks) == (0.25, 8, 2)
+    s = parse_settings({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_window": 0})  # prefill-only pruning
+    assert (s.window, s.decode_interval) == (0, 0)
 
 
 # --- CLI ------------------------------------------------------------------------------------------
@@ -164,6 +168,126 @@ def test_cli_refuses(plugins, llama, flags, flag):
     with pytest.raises(DepthKVConfigError) as e:
         cli(llama, *flags)
     assert str(e.value).startswith(flag + ":"), str(e.value)
+
+
+def test_cli_refuses_torch_compile(plugins, llama):
+    """The per-layer pool swap and the scoring hooks are Python per layer: not compile-safe."""
+    with pytest.raises(DepthKVConfigError, match="^--enable-torch-compile:"):
+        cli(llama, "--kv-policy", "full", "--enable-torch-compile")
+
+
+def test_cli_refuses_quantized_weights_for_laprox(plugins, llama, tmp_path):
+    """LaProx reads o_proj.weight as a float matrix: --quantization and quantized checkpoints are
+    refused for it (and only for it)."""
+    with pytest.raises(DepthKVConfigError, match="^--quantization: 'fp8' not supported with --kv-policy laprox"):
+        cli(llama, "--kv-policy", "laprox", "--kv-budget", "0.3", "--quantization", "fp8")
+    assert cli(llama, "--kv-policy", "snapkv", "--kv-budget", "0.3", "--quantization", "fp8")._depthkv_settings
+
+    quant = tmp_path / "fp8"
+    quant.mkdir()
+    for f in Path(llama).iterdir():
+        (quant / f.name).symlink_to(f)
+    cfg = json.loads((Path(llama) / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (quant / "config.json").unlink()
+    (quant / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DepthKVConfigError, match=r"^--model-path: quantized checkpoint \(fp8\)"):
+        cli(str(quant), "--kv-policy", "laprox", "--kv-budget", "0.3")
+
+
+# --- CUDA-shaped ServerArgs (built on any machine: device="cuda" resolves without a GPU) -----------
+
+@pytest.fixture
+def cuda_host(monkeypatch):
+    """SGLang's prefill CUDA-graph default as on a CUDA host: ``default_prefill_backend`` asks
+    ``sglang.srt.utils.is_cuda`` at call time (breakable on CUDA, tc_piecewise elsewhere)."""
+    import sglang.srt.utils
+
+    monkeypatch.setattr(sglang.srt.utils, "is_cuda", lambda: True)
+
+
+def cuda_cli(model, *flags):
+    from sglang.srt.server_args import prepare_server_args
+
+    return prepare_server_args(["--model-path", model, "--device", "cuda", "--skip-tokenizer-init", *flags])
+
+
+def test_cuda_prefill_graph_turned_off(plugins, llama, cuda_host):
+    """SGLang captures prefill with its breakable CUDA graph by default on CUDA; the capture builds a
+    ForwardBatch without ``init_new``, so the plugin's hooks would not run. Under --kv-policy the
+    plugin sets SGLang's own --disable-prefill-cuda-graph (one INFO line); decode graphs stay on."""
+    import logging
+
+    from sglang.srt.server_args import ServerArgs
+
+    vanilla = cuda_cli(llama)
+    assert vanilla.cuda_graph_config.prefill.backend == "breakable"  # the CUDA default being overridden
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # SGLang's prepare_server_args re-configures the root logger's handlers
+    logger = logging.getLogger("sglang_depthkv")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        built = [cuda_cli(llama, "--kv-policy", "snapkv", "--kv-budget", "0.5"),
+                 ServerArgs(model_path=llama, device="cuda", skip_tokenizer_init=True, kv_policy="snapkv",
+                            kv_budget=0.5)]
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    for sa in built:
+        assert sa.disable_prefill_cuda_graph
+        assert sa.cuda_graph_config.prefill.backend == "disabled"
+        assert sa.cuda_graph_config.decode.backend == "full"
+        assert sa.attention_backend == "triton"
+    lines = [r for r in records if "--disable-prefill-cuda-graph" in r.getMessage()]
+    assert len(lines) == 2 and all(r.levelno == logging.INFO for r in lines)  # one per ServerArgs
+    # an explicit "disabled" is accepted as is
+    sa = cuda_cli(llama, "--kv-policy", "full", "--cuda-graph-backend-prefill", "disabled")
+    assert sa.cuda_graph_config.prefill.backend == "disabled"
+
+
+@pytest.mark.parametrize(
+    "flags, flag",
+    [
+        (["--cuda-graph-backend-prefill", "breakable"], "--cuda-graph-backend-prefill"),
+        (["--cuda-graph-backend-prefill", "full"], "--cuda-graph-backend-prefill"),
+        (["--cuda-graph-config", '{"prefill": {"backend": "tc_piecewise"}}'], "--cuda-graph-config"),
+        # the JSON wins over the per-phase flag in SGLang's precedence; so it does here
+        (["--cuda-graph-backend-prefill", "disabled", "--cuda-graph-config", '{"prefill": {"backend": "breakable"}}'],
+         "--cuda-graph-config"),
+    ],
+)
+def test_cuda_prefill_graph_explicit_refused(plugins, llama, cuda_host, flags, flag):
+    with pytest.raises(DepthKVConfigError) as e:
+        cuda_cli(llama, "--kv-policy", "snapkv", "--kv-budget", "0.5", *flags)
+    assert str(e.value).startswith(flag + ": prefill CUDA graph backend"), str(e.value)
+
+
+def test_cuda_prefill_graph_refused_after_resolution(plugins, llama):
+    """The check on the resolved ``ServerArgs`` refuses a prefill graph however it got there."""
+    from sglang.srt.server_args import ServerArgs
+
+    from sglang_depthkv.sglang.config import check_server_args
+
+    sa = ServerArgs(model_path=llama, device="cuda", skip_tokenizer_init=True, attention_backend="triton",
+                    cuda_graph_backend_prefill="breakable")  # vanilla: SGLang keeps the explicit choice
+    assert sa.cuda_graph_config.prefill.backend == "breakable"
+    with pytest.raises(DepthKVConfigError, match="^--cuda-graph-backend-prefill:"):
+        check_server_args(parse_settings({"kv_policy": "full"}), sa)
+
+
+@pytest.mark.parametrize("name", ["attention_backend", "prefill_attention_backend", "decode_attention_backend"])
+def test_cuda_refuses_torch_native(plugins, llama, name):
+    """torch_native on CUDA: host syncs at every layer and SGLang turns CUDA graphs off for it."""
+    from sglang.srt.server_args import ServerArgs
+
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(DepthKVConfigError, match=f"^{flag}: 'torch_native' on CUDA") as e:
+        ServerArgs(model_path=llama, device="cuda", skip_tokenizer_init=True, kv_policy="full",
+                   **{name: "torch_native"})
+    assert "triton" in str(e.value)
 
 
 def test_cli_refuses_sliding_window_model(plugins, swa_model):
