@@ -8,6 +8,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("SGLANG_DEPTHKV_CHECKS", "1")  # content checks on the serving path (sglang/checks.py)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

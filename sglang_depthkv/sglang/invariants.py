@@ -16,7 +16,7 @@ import torch
 def structural_violations(alloc) -> List[str]:
     out = []
     for l, cap in enumerate(alloc.layer_capacities):
-        free = alloc.layer_free[l]
+        free = alloc.layer_free_slots(l)
         m = alloc.mapping[l]
         mapped = m[m > 0].long()
         if free.numel() and (int(free.min()) < 1 or int(free.max()) > cap):
@@ -30,6 +30,9 @@ def structural_violations(alloc) -> List[str]:
             out.append(f"layer {l}: {int(both.sum())} slots both free and mapped")
         if free.numel() + mapped.numel() != cap:
             out.append(f"layer {l}: free {free.numel()} + mapped {mapped.numel()} != capacity {cap} (slot leak)")
+        counted = alloc.layer_available_sizes(exact=True)[l]
+        if counted != free.numel():
+            out.append(f"layer {l}: host free count {counted} != {free.numel()} free slots on the device")
         if int(m[-1]) != 0 or int(m[0]) != 0:
             out.append(f"layer {l}: padding entries of the mapping are not 0")
     return out
@@ -49,8 +52,9 @@ def accounting_violations(alloc, tree_cache=None, request_held: Optional[Sequenc
     ev, pr = tree_sizes if tree_sizes is not None else tree_layer_sizes(alloc, tree_cache)
     held = list(request_held) if request_held is not None else [0] * L
     out = []
+    frees = alloc.layer_available_sizes(exact=True)
     for l, cap in enumerate(alloc.layer_capacities):
-        free = alloc.layer_available_size(l)
+        free = frees[l]
         if free + ev[l] + pr[l] + held[l] != cap:
             out.append(
                 f"[depthkv layer {l}] capacity={cap}, free={free}, evictable={ev[l]}, protected={pr[l]}, "
@@ -67,8 +71,9 @@ def drained_violations(alloc) -> List[str]:
     """After the whole tree was evicted with no request running: every slot of every layer is free
     and no logical id is mapped (a slot still held here was leaked by someone)."""
     out = structural_violations(alloc)
+    frees = alloc.layer_available_sizes(exact=True)
     for l, cap in enumerate(alloc.layer_capacities):
-        free = alloc.layer_available_size(l)
+        free = frees[l]
         if free != cap:
             out.append(f"layer {l}: {cap - free} of {cap} slots still held after evicting the whole tree (slot leak)")
     if alloc.available_size() != alloc.size:

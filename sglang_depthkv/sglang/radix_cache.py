@@ -99,10 +99,12 @@ class DepthKVRadixCache(RadixCache):
         return ev, pr
 
     def evict_for_layers(self, num_tokens: int) -> None:
-        """Evict until every layer has ``num_tokens`` free slots, or nothing evictable is left."""
+        """Evict until every layer has ``num_tokens`` free slots, or nothing evictable is left. Reads
+        the exact per-layer counts (a host sync when a free is in flight on a GPU: the lower bound
+        would make it evict more than needed); this runs only under memory pressure."""
         alloc = self.token_to_kv_pool_allocator
         while True:
-            short = num_tokens - alloc.min_layer_available_size()
+            short = num_tokens - min(alloc.layer_available_sizes(exact=True))
             if short <= 0 or self.evictable_size() == 0:
                 return
             before = self.evictable_size()

@@ -70,7 +70,8 @@ def test_per_layer_leak_reaches_sglangs_idle_leak_report(server_args, tmp_path, 
     assert not has_leak, msgs
     assert chk._check_all_pools(obs.get_pool_stats()) == (False, msgs)  # same state: counted, not repeated
     # a slot of layer 2 disappears (neither free nor mapped): SGLang's logical check cannot see it
-    alloc.layer_free[2] = alloc.layer_free[2][1:]
+    held = torch.nonzero(pool.mapping[2]).reshape(-1)
+    pool.mapping[2, held[0]] = 0  # its slot is now neither free nor mapped
     has_leak, msgs = chk._check_all_pools(obs.get_pool_stats())
     assert has_leak
     assert any("layer 2" in m and "slot leak" in m for m in msgs), msgs
