@@ -107,6 +107,7 @@ def build_kv_indices(
     out_indices: Optional[torch.Tensor] = None,
     kept_lens_out: Optional[torch.Tensor] = None,
     capacity: Optional[int] = None,
+    min_kept: int = 0,
     validate: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Build ``(kv_indptr [G, bs+1], kv_indices [G, cap])`` for all mapping rows in one launch.
@@ -120,6 +121,8 @@ def build_kv_indices(
         out_indptr: int32/int64 ``[G, bs+1]``; out_indices: int32/int64 ``[G, cap]``. Allocated
             (int32) when not given; then ``capacity`` (host int) sets ``cap``, default
             ``bs * req_to_token.shape[1]``.
+        min_kept: with ``kept_lens=None``, counted lengths below it are raised to it before the fill
+            (CUDA-graph padded rows: length 1, reading whatever the buffer holds there).
         validate: content checks with one sync: request rows, seq lens <= req_to_token width, ids
             inside the mapping width, and with ``kept_lens`` given, that each equals the actual
             held count and that ``sum(kept_lens[g]) <= cap``.
@@ -173,6 +176,8 @@ def build_kv_indices(
             mapping, mapping.stride(0), req_to_token, req_to_token.stride(0), req_pool_indices, seq_lens,
             kept_lens_out, kept_lens_out.stride(0), BLOCK=512,
         )
+        if min_kept > 0:
+            kept_lens_out.clamp_(min=int(min_kept))
         kept_lens = kept_lens_out
     _fill_indices_kernel[grid](
         mapping, mapping.stride(0), req_to_token, req_to_token.stride(0), req_pool_indices, seq_lens,

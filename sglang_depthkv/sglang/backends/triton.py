@@ -15,8 +15,9 @@ model, never from the KV index. Writes go through the mapping in ``DepthKVPool.s
 Decode split-K. ``attn_logits`` / ``attn_lse`` are ``[bs, heads, max_kv_splits, ...]``, independent
 of the lengths; the kernels take each row's KV length from the layer's ``kv_indptr`` and skip empty
 splits in both stages. ``num_kv_splits`` is computed per layer (``[L, bs]``) with SGLang's
-``get_num_kv_splits`` on that layer's held counts, so a heavily pruned layer is not split as if it
-held the whole sequence (on CPU, ``device_core_count == 0``, SGLang fills ``max_kv_splits``).
+``get_num_kv_splits`` rule on that layer's held counts, all layers in one launch
+(``kernels.kv_splits``), so a heavily pruned layer is not split as if it held the whole sequence
+(on CPU, ``device_core_count == 0``, SGLang fills ``max_kv_splits``).
 
 Scoring and pruning: ``scoring.DepthKVScoringMixin`` (the same steps as the torch_native backend).
 After SGLang's kernel has written this batch's K/V and computed the layer's output, each request
@@ -27,8 +28,9 @@ records each step's queries per layer: eager decode batches in Python lists (``s
 decode batches in the preallocated ring of ``graph_decode.py`` (below).
 
 CUDA graphs (decode). ``init_cuda_graph_state`` preallocates per-layer ``[L, max_bs+1]`` indptr,
-``[L, cap]`` int64 indices (``cap = max_bs * min(context_len, largest layer capacity)``: a request
-holds at most that many tokens at a layer; memory ``8 * L * cap`` bytes), ``[L, max_bs]`` held
+``[L, cap]`` indices (``layer_indices.graph_capacity``: the real rows of a layer hold at most
+``C_l`` tokens together, ``cap = min(max_bs * context_len, max C_l + max_bs)``; int32 while slot
+offsets fit), ``[L, max_bs]`` held
 counts, ``[L, max_num_tokens]`` ``num_kv_splits`` and SGLang's ``attn_logits`` / ``attn_lse``;
 SGLang's vanilla ``[max_num_tokens * context_len]`` index buffer is not allocated.
 ``init_forward_metadata_out_graph`` (capture and replay) refills them in place from the (padded)
@@ -69,8 +71,9 @@ import torch
 from sglang.srt.layers.attention.triton_backend import ForwardMetadata, TritonAttnBackend
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
+from sglang_depthkv.kernels.kv_splits import layer_kv_splits
 from sglang_depthkv.sglang.backends.graph_decode import GraphDecodePruningMixin
-from sglang_depthkv.sglang.backends.layer_indices import LayerIndexStreams
+from sglang_depthkv.sglang.backends.layer_indices import LayerIndexStreams, graph_capacity, index_dtype
 from sglang_depthkv.sglang.backends.scoring import DepthKVScoringMixin
 
 # Tests: eager decode batches go through the CUDA-graph buffers (bound once per batch size as a
@@ -103,7 +106,9 @@ class DepthKVTritonAttnBackend(GraphDecodePruningMixin, DepthKVScoringMixin, Tri
         if self.use_mla:
             raise NotImplementedError(f"{name}: MLA is refused at start-up")
         pool = self.token_to_kv_pool
-        self.streams = LayerIndexStreams(pool.mapping, self.req_to_token)
+        row_stride = pool.head_num * max(pool.head_dim, pool.v_head_dim)
+        self.streams = LayerIndexStreams(pool.mapping, self.req_to_token,
+                                         index_dtype(max(pool.layer_capacities), row_stride))
         self._layer_streams = None  # (indptr [L, bs+1], indices [L, cap], num_kv_splits [L, *] or None)
         self._graph_splits = None
         self._graph_bindings = None
@@ -169,18 +174,19 @@ class DepthKVTritonAttnBackend(GraphDecodePruningMixin, DepthKVScoringMixin, Tri
             self._eager_through_graph = False
 
     def _fill_splits(self, splits, kept, bs):
+        """``num_kv_splits`` of every layer from its held lengths: SGLang's rule, one launch."""
         if bs == 0:
             return
-        for l in range(self.streams.num_layers):
-            self.get_num_kv_splits(splits[l, :bs], kept[l])
+        cores = 0 if self.static_kv_splits else int(self.device_core_count)
+        layer_kv_splits(splits, kept, num_head=self.num_head, num_kv_head=self.num_kv_head,
+                        max_kv_splits=self.max_kv_splits, device_core_count=cores)
 
     # --- CUDA graphs (decode) -------------------------------------------------------------------------------
     def init_cuda_graph_state(self, max_bs, max_num_tokens, kv_indices_buf=None, cuda_graph_num_kv_splits_buf=None):
         if kv_indices_buf is not None or cuda_graph_num_kv_splits_buf is not None:
             raise NotImplementedError(f"{type(self).__name__}: shared graph buffers (speculative draft backends)")
         pool = self.token_to_kv_pool
-        cap = max_bs * min(int(self.max_context_len), max(pool.layer_capacities))
-        self.streams.alloc_graph(max_bs, cap)
+        self.streams.alloc_graph(max_bs, graph_capacity(max_bs, self.max_context_len, pool.layer_capacities))
         L = self.streams.num_layers
         self._graph_splits = torch.full((L, max_num_tokens), self.max_kv_splits, dtype=torch.int32, device=self.device)
         self.cuda_graph_attn_logits = torch.zeros((max_num_tokens, self.num_head, self.max_kv_splits, self.v_head_dim),
@@ -232,17 +238,7 @@ class DepthKVTritonAttnBackend(GraphDecodePruningMixin, DepthKVScoringMixin, Tri
         with self._layer_view(layer):
             o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache, sinks, score_mod, aux_tensors)
         self._record_layer_scaling(layer)
-        scoring = self._scoring
-        if scoring is not None:
-            q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-            seqs = [int(x) for x in forward_batch.seq_lens_cpu.tolist()]
-            rpis = forward_batch.req_pool_indices.tolist()
-            start = 0
-            for i, m in enumerate(int(x) for x in forward_batch.extend_seq_lens_cpu):
-                held_kv = (lambda rpi=rpis[i], seq=seqs[i]: self._held_kv(layer.layer_id, rpi, seq, q.dtype))
-                self._score_request(scoring, i, layer, q_[start:start + m].movedim(0, 1), start, m, held_kv)
-                start += m
-        self._end_extend_layer(scoring, layer)
+        self._score_extend_layer(layer, q)
         return o
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, sinks=None, score_mod=None,
