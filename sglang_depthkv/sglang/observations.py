@@ -31,6 +31,8 @@ from typing import Any, List, Optional
 
 import torch
 
+from sglang_depthkv.sglang import checks
+
 from sglang_depthkv.core.types import LayerObservation
 from sglang_depthkv.sglang import chunk_ownership
 
@@ -129,15 +131,18 @@ def build_observation(layer: int, local_layer: int, entry: ExtendEntry, st: Chun
     queries = _cat(st.queries[local_layer], q_req, 1)[:, -w:, :]
     if queries.shape[1] != w:
         raise RuntimeError(f"layer {layer}, request {entry.rid}: {queries.shape[1]} window queries, expected {w}")
-    own_mask = kpos >= entry.own_lo
-    if int(own_mask.sum()) != m_own:
-        raise RuntimeError(f"layer {layer}, request {entry.rid}: the layer holds {int(own_mask.sum())} of its "
+    # every own token is held before pruning, and kpos ascends: the own tokens are the last m_own
+    n_held = int(kpos.shape[0])
+    if n_held < m_own:
+        raise RuntimeError(f"layer {layer}, request {entry.rid}: the layer holds {n_held} tokens, fewer than its "
                            f"{m_own} own tokens before pruning")
+    if checks.enabled() and not bool((kpos[n_held - m_own:] >= entry.own_lo).all()):
+        raise RuntimeError(f"layer {layer}, request {entry.rid}: an own token holds no slot before pruning")
     hidden = None
     if h_req is not None:
         hidden = _cat(st.hidden[local_layer], h_req, 0)
     if own_only:
-        keys, values = keys[:, own_mask], values[:, own_mask]
+        keys, values = keys[:, n_held - m_own:], values[:, n_held - m_own:]
         own_cols = torch.arange(m_own, device=kpos.device)
         if hidden is not None:
             # the stash holds the rows of every chunk since the first; own_lo may have moved past some
@@ -147,7 +152,7 @@ def build_observation(layer: int, local_layer: int, entry: ExtendEntry, st: Chun
                                    f"for {m_own} own tokens")
             hidden = hidden[hidden.shape[0] - m_own:]
     else:
-        own_cols = torch.nonzero(own_mask).reshape(-1)
+        own_cols = torch.arange(n_held - m_own, n_held, device=kpos.device)
         if hidden is not None and hidden.shape[0] != keys.shape[1]:
             raise RuntimeError(f"layer {layer}, request {entry.rid}: hidden states of a cached prefix are not "
                                "available to a scorer that reads all tokens")

@@ -42,10 +42,12 @@ def sinks_in_segment(sinks: int, own_lo: int, m: int) -> int:
     return max(0, min(int(sinks) - int(own_lo), int(m)))
 
 
-def select_own(policy: PrunePolicy, own_scores: torch.Tensor, own_lo: int) -> Optional[List[torch.Tensor]]:
+def select_own(policy: PrunePolicy, own_scores: torch.Tensor, own_lo: int,
+               check_nan: bool = True) -> Optional[List[torch.Tensor]]:
     """Keep sets (absolute positions, ascending int64) per layer for the own segment, from
     unprotected token scores ``own_scores [L, m]`` of positions ``own_lo .. own_lo + m - 1``.
-    ``None`` when the segment is not pruned (everything kept)."""
+    ``None`` when the segment is not pruned (everything kept). ``check_nan=False``: the caller has
+    checked the scores for NaN already (one device read for a whole batch)."""
     if not isinstance(own_scores, torch.Tensor) or own_scores.dim() != 2:
         raise ValueError(f"select_own: own_scores must be [num_layers, m], got {getattr(own_scores, 'shape', own_scores)}")
     if int(own_lo) < 0:
@@ -59,7 +61,7 @@ def select_own(policy: PrunePolicy, own_scores: torch.Tensor, own_lo: int) -> Op
         counts = policy.allocator.allocate(m, L, policy.budget, sinks, policy.window, prot)
     else:
         counts = policy.allocator.allocate(m, L, policy.budget, sinks, policy.window)
-    return [select_top(prot[l], int(k)) + int(own_lo) for l, k in enumerate(counts)]
+    return [select_top(prot[l], int(k), check_nan=check_nan) + int(own_lo) for l, k in enumerate(counts)]
 
 
 @dataclass
@@ -72,8 +74,14 @@ class PruneRecord:
 
 
 def dropped_positions(keep: torch.Tensor, own_lo: int, seq_len: int) -> torch.Tensor:
-    own = torch.arange(own_lo, seq_len, dtype=torch.int64, device=keep.device)
-    return own[~torch.isin(own, keep.to(torch.int64))]
+    """Positions of ``[own_lo, seq_len)`` not in ``keep`` (ascending int64). Their number is
+    host-known (``m - len(keep)``, ``keep`` unique), so no device value is read: a stable sort puts
+    the dropped positions first, in order."""
+    m = int(seq_len) - int(own_lo)
+    kept = torch.zeros(m, dtype=torch.int8, device=keep.device)
+    kept[keep.to(torch.int64) - int(own_lo)] = 1
+    order = torch.sort(kept, stable=True).indices
+    return order[: m - int(keep.numel())] + int(own_lo)
 
 
 def apply_prune(allocator, req_to_token: torch.Tensor, req_pool_idx: int, record: PruneRecord) -> None:

@@ -37,14 +37,31 @@ HeldKV = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # positions [n], keys 
 
 
 class ForwardScoring:
-    """Per-forward scoring state: the entries, their stashes and per-layer own-token scores."""
+    """Per-forward scoring state: the entries, their stashes, per-layer own-token scores, and the
+    host facts every layer needs (sequence lengths, request rows, per-layer held counts)."""
 
-    def __init__(self, entries, num_layers):
+    def __init__(self, entries, num_layers, seq_lens: List[int], new_lens: List[int],
+                 held_counts: Dict[int, List[int]]):
         self.entries = entries
         self.stashes = [None if e is None else O.get_stash(e, num_layers) for e in entries]
         self.scores: Dict[int, List[Optional[torch.Tensor]]] = {
             i: [None] * num_layers for i, e in enumerate(entries) if e is not None and e.final
         }
+        self.seq_lens = seq_lens
+        self.new_lens = new_lens
+        self.req_pool_idx = [None if e is None else int(e.req.req_pool_idx) for e in entries]
+        self.held_counts = held_counts  # entry index -> [L] held positions in [0, seq_len)
+
+
+def held_counts_of(mapping: torch.Tensor, req_to_token: torch.Tensor, rows: List[int], seq_lens: List[int],
+                   ) -> List[List[int]]:
+    """Per request ``[L]`` held counts of positions ``[0, seq_len)``: one reduction per request and
+    one host read for the whole batch (the only sync of end-of-prefill scoring). Transient memory:
+    one request's ``[L, seq_len]`` slots at a time."""
+    if not rows:
+        return []
+    per_req = [(mapping[:, req_to_token[r, :n].long()] > 0).sum(dim=1) for r, n in zip(rows, seq_lens)]
+    return torch.stack(per_req).tolist()
 
 
 class DepthKVScoringMixin:
@@ -107,12 +124,21 @@ class DepthKVScoringMixin:
         pool = self.token_to_kv_pool
         return layer.layer_id == pool.start_layer + pool.layer_num - 1
 
-    def _held(self, layer_id: int, req_pool_idx: int, seq_len: int):
-        """Held positions (int64, ascending) and their slots at ``layer_id`` for one request row."""
+    def _held(self, layer_id: int, req_pool_idx: int, seq_len: int, count: Optional[int] = None):
+        """Held positions (int64, ascending) and their slots at ``layer_id`` for one request row.
+        With the host-known ``count`` of held positions no device value is read (scatter
+        compaction); without it, one ``nonzero``."""
         rows = self.req_to_token_pool.req_to_token[int(req_pool_idx), :seq_len]
         slots = self.token_to_kv_pool.translate(layer_id, rows)
         held = slots > 0
-        return torch.nonzero(held).reshape(-1), slots[held]
+        if count is None:
+            kpos = torch.nonzero(held).reshape(-1)
+            return kpos, slots[kpos]
+        dest = torch.where(held, torch.cumsum(held, dim=0) - 1, count)  # not held -> the trash entry
+        kpos = torch.empty(count + 1, dtype=torch.int64, device=slots.device)
+        kpos.scatter_(0, dest, torch.arange(seq_len, dtype=torch.int64, device=slots.device))
+        kpos = kpos[:count]
+        return kpos, slots[kpos]
 
     @staticmethod
     def _gather_kv(k_cache, v_cache, slots, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -123,8 +149,8 @@ class DepthKVScoringMixin:
             keys, values = keys.to(dtype), values.to(dtype)
         return keys, values
 
-    def _held_kv(self, layer_id: int, req_pool_idx: int, seq_len: int, dtype) -> HeldKV:
-        kpos, slots = self._held(layer_id, req_pool_idx, seq_len)
+    def _held_kv(self, layer_id: int, req_pool_idx: int, seq_len: int, dtype, count: Optional[int] = None) -> HeldKV:
+        kpos, slots = self._held(layer_id, req_pool_idx, seq_len, count)
         k_cache, v_cache = self.token_to_kv_pool.get_kv_buffer(layer_id)
         keys, values = self._gather_kv(k_cache, v_cache, slots, dtype)
         return kpos, keys, values
@@ -157,7 +183,12 @@ class DepthKVScoringMixin:
             raise RuntimeError(f"DepthKV: request entries {[None if e is None else e.seq_len for e in entries]} "
                                f"do not match the forward batch's sequence lengths {seq}")
         self._install_hidden_hooks()
-        self._scoring = ForwardScoring(entries, self.token_to_kv_pool.layer_num)
+        pool = self.token_to_kv_pool
+        pruning = [i for i, e in enumerate(entries) if e is not None and e.final and self._segment_prunes(e)]
+        counts = held_counts_of(pool.mapping, self.req_to_token_pool.req_to_token,
+                                [int(entries[i].req.req_pool_idx) for i in pruning], [seq[i] for i in pruning])
+        new = [int(x) for x in forward_batch.extend_seq_lens_cpu]
+        self._scoring = ForwardScoring(entries, pool.layer_num, seq, new, dict(zip(pruning, counts)))
 
     # --- end-of-prefill scoring and pruning -----------------------------------------------------------
     def _score_request(self, scoring: ForwardScoring, i: int, layer, q_req: torch.Tensor, start: int, m: int,
@@ -184,7 +215,25 @@ class DepthKVScoringMixin:
         )
         from sglang_depthkv.core.selection import token_scores
 
-        scoring.scores[i][local] = token_scores(self.policy.scorer.score(obs))[own_cols]
+        scoring.scores[i][local] = token_scores(self.policy.scorer.score(obs), check_nan=False)[own_cols]
+
+    def _score_extend_layer(self, layer, q: torch.Tensor) -> None:
+        """One layer of an extend forward after its attention: score every request whose prefill
+        ends here (``q`` the batch's queries ``[tokens, qh * d]``), then, after the last layer, prune.
+        Host facts come from the forward's ``ForwardScoring``; no device value is read."""
+        scoring = self._scoring
+        if scoring is not None:
+            q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            local = layer.layer_id - self.token_to_kv_pool.start_layer
+            start = 0
+            for i, entry in enumerate(scoring.entries):
+                m = scoring.new_lens[i]
+                if entry is not None:
+                    held_kv = (lambda i=i: self._held_kv(layer.layer_id, scoring.req_pool_idx[i], scoring.seq_lens[i],
+                                                         q.dtype, scoring.held_counts.get(i, [None] * (local + 1))[local]))
+                    self._score_request(scoring, i, layer, q_[start:start + m].movedim(0, 1), start, m, held_kv)
+                start += m
+        self._end_extend_layer(scoring, layer)
 
     def _segment_prunes(self, entry) -> bool:
         m = entry.seq_len - entry.own_lo
@@ -195,6 +244,12 @@ class DepthKVScoringMixin:
             self._finish(scoring)
 
     def _finish(self, scoring: ForwardScoring):
+        own = {i: P.own_token_scores(scoring.scores[i]) for i, e in enumerate(scoring.entries)
+               if e is not None and e.final and self._segment_prunes(e)}
+        if own:  # one NaN check (one device read) for the whole batch
+            from sglang_depthkv.core.selection import check_no_nan
+
+            check_no_nan(torch.cat([s.reshape(-1) for s in own.values()]), "DepthKV token scores")
         for i, entry in enumerate(scoring.entries):
             if entry is None:
                 continue
@@ -204,7 +259,7 @@ class DepthKVScoringMixin:
             O.clear_stash(entry)
             keep = None
             if self._segment_prunes(entry):
-                keep = P.select_own(self.policy, P.own_token_scores(scoring.scores[i]), entry.own_lo)
+                keep = P.select_own(self.policy, own[i], entry.own_lo, check_nan=False)
             rec = P.PruneRecord(rid=entry.rid, own_lo=entry.own_lo, seq_len=entry.seq_len, keep=keep)
             P.apply_prune(self.allocator, self.req_to_token_pool.req_to_token, entry.req.req_pool_idx, rec)
             P.dump_keep(rec)
@@ -275,7 +330,8 @@ def host_seq_lens(forward_batch, n: int) -> List[int]:
 
 
 def build_policy(settings, model_runner):
-    """The core ``PrunePolicy`` of the ``--kv-*`` settings (profile / gates loaded against the model)."""
+    """The core ``PrunePolicy`` of the ``--kv-*`` settings (profile / gates loaded against the model;
+    the gates moved once to the model's device, where the observations live)."""
     from sglang_depthkv.core.policy import make_policy
     from sglang_depthkv.core.types import ModelIdentity
 
@@ -288,6 +344,6 @@ def build_policy(settings, model_runner):
     if settings.gates is not None:
         from sglang_depthkv.core.gates import load_gates
 
-        gates = load_gates(settings.gates, identity)
+        gates = load_gates(settings.gates, identity).to(model_runner.device)
     return make_policy(settings.policy, settings.budget, profile=profile, gates=gates, sinks=settings.sinks,
                        window=settings.window)
