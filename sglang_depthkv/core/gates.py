@@ -23,6 +23,7 @@ metadata entry ``"sglang-depthkv"`` holding a JSON header ``{"format": "sglang-d
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -102,11 +103,24 @@ class KVzipGates:
         self.weight = self.weight.float()
         self.bias = self.bias.float()
 
+    def to(self, device) -> "KVzipGates":
+        """These gates with their parameters on ``device`` (float32): the gate multiplies features of
+        the observations, which live on the model's device. Already validated, so not re-checked
+        (that would read the values back)."""
+        moved = copy.copy(self)
+        moved.weight = self.weight.to(device=device, dtype=torch.float32)
+        moved.bias = self.bias.to(device=device, dtype=torch.float32)
+        moved.training = dict(self.training)
+        return moved
+
     def logits(self, obs: LayerObservation) -> torch.Tensor:
         if not 0 <= obs.layer < self.identity.num_layers:
             raise ValueError(f"observation layer {obs.layer} outside the gates' {self.identity.num_layers} layers")
         if obs.num_kv_heads != self.identity.num_key_value_heads:
             raise ValueError(f"observation has {obs.num_kv_heads} kv heads, gates {self.identity.num_key_value_heads}")
+        if self.weight.device != obs.keys.device:
+            raise ValueError(f"gates on {self.weight.device}, observation on {obs.keys.device}: move them once "
+                             "with KVzipGates.to(device)")
         x = gate_features(self.spec, obs.keys, obs.hidden_states)  # [kvh, n, F]
         return torch.einsum("gnf,gf->gn", x, self.weight[obs.layer]) + self.bias[obs.layer][:, None]
 

@@ -93,7 +93,8 @@ class PrunePolicy:
                             for o in observations])
 
     def select(self, observations: Sequence[LayerObservation]) -> list[torch.Tensor]:
-        """Kept positions per layer (ascending int64), one tensor per observation (layer order)."""
+        """Kept positions per layer (ascending int64, on the observations' device), one tensor per
+        observation (layer order)."""
         obs = list(observations)
         if not obs:
             raise ValueError(f"policy {self.name!r}: no layer observations")
@@ -111,7 +112,7 @@ class PrunePolicy:
         for o in obs:
             o.check()
         if not self.prunes(n):
-            return [torch.arange(n, dtype=torch.int64) for _ in obs]
+            return [torch.arange(n, dtype=torch.int64, device=o.keys.device) for o in obs]
         scores = self.layer_scores(obs)
         counts = self.keep_counts(n, len(obs), scores)
         return [select_top(scores[l], k) for l, k in enumerate(counts)]

@@ -8,7 +8,9 @@ Conventions (fixed; the SGLang path must follow the same ones):
 - keys and queries are post-RoPE (and post q/k-norm for Qwen3);
 - GQA: query head ``h`` belongs to kv head ``h // (num_q_heads // num_kv_heads)``;
 - the observation window is the last ``w = window_queries.shape[1]`` positions of the request; those
-  positions are also the always-kept recent window.
+  positions are also the always-kept recent window;
+- every tensor of an observation is on one device (the keys'); scorers, allocators and the policy
+  create their tensors there.
 """
 
 from __future__ import annotations
@@ -72,6 +74,14 @@ class LayerObservation:
             raise ValueError(
                 f"layer {self.layer}: hidden_states has {self.hidden_states.shape[0]} rows for {k.shape[1]} tokens"
             )
+        self._check_devices()
+
+    def _check_devices(self) -> None:
+        """Every tensor on the keys' device: scorers create their tensors there and mix all fields."""
+        for name in ("values", "window_queries", "o_proj_weight", "hidden_states"):
+            t = getattr(self, name)
+            if t is not None and t.device != self.keys.device:
+                raise ValueError(f"layer {self.layer}: {name} on {t.device}, keys on {self.keys.device}")
 
 
 @dataclass(frozen=True)

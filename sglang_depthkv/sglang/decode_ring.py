@@ -104,9 +104,9 @@ class DecodeRing:
         (device ops only). Padded rows (and every row when ``raw_bs == 0``: a capture) write the sink."""
         if not (0 <= raw_bs <= bs <= self.max_bs):
             raise ValueError(f"DecodeRing.bind: need 0 <= raw_bs {raw_bs} <= bs {bs} <= max_bs {self.max_bs}")
-        if raw_bs:
-            rpi = req_pool_indices[:raw_bs].long()
-            fed0 = seq_lens[:raw_bs].long() - self.prompt_len_of[rpi] - 1
+        if raw_bs:  # batch tensors on the host too (a no-op when they are on the ring's device)
+            rpi = req_pool_indices[:raw_bs].to(device=self.device, dtype=torch.int64)
+            fed0 = seq_lens[:raw_bs].to(device=self.device, dtype=torch.int64) - self.prompt_len_of[rpi] - 1
             slot = self.slot_of[rpi]
             self.q_index[:raw_bs] = slot * self.qlen + torch.remainder(fed0, self.qlen)
             self.h_index[:raw_bs] = slot * self.hlen + torch.remainder(fed0, self.hlen)
@@ -172,7 +172,7 @@ class DecodeRing:
             if q is None or q.shape[1] != nq:
                 raise RuntimeError(f"DecodeRing.load: layer {l}: {None if q is None else q.shape[1]} queries, "
                                    f"expected {nq}")
-            self.q[l].index_copy_(0, qrows, q.movedim(0, 1).to(self.dtype))
+            self.q[l].index_copy_(0, qrows, q.movedim(0, 1).to(device=self.device, dtype=self.dtype))
         if self.h is not None:
             hrows = torch.tensor(self._rows(slot, settled, fed, self.hlen), dtype=torch.int64, device=self.device)
             for l in range(self.num_layers):
@@ -180,4 +180,4 @@ class DecodeRing:
                 if h is None or h.shape[0] != nh:
                     raise RuntimeError(f"DecodeRing.load: layer {l}: {None if h is None else h.shape[0]} attention "
                                        f"inputs, expected {nh}")
-                self.h[l].index_copy_(0, hrows, h.to(self.dtype))
+                self.h[l].index_copy_(0, hrows, h.to(device=self.device, dtype=self.dtype))

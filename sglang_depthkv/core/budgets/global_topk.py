@@ -24,6 +24,24 @@ import torch
 from .base import LayerBudgetAllocator, _check_int, min_keep, total_keep
 
 
+def extra_keep_counts(scores: torch.Tensor, lo: int, cap: int, extra: int) -> torch.Tensor:
+    """Step 2 on the scores' device: per layer, how many of the ``extra`` best candidates beyond
+    its ``lo`` best tokens it takes (at most ``cap - lo``). ``scores [L, n]`` float; int64 ``[L]``."""
+    L = scores.shape[0]
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # per layer, tie → lower position
+    cand_pos = order[:, lo:cap]  # [L, cap - lo]: candidates in rank order
+    cand_score = torch.gather(scores, 1, cand_pos)
+    cand_layer = torch.arange(L, device=scores.device).unsqueeze(1).expand_as(cand_pos)
+    score, layer, pos = cand_score.reshape(-1), cand_layer.reshape(-1), cand_pos.reshape(-1)
+    # lexicographic order (score desc, layer asc, position asc) by stable sorts, last key first
+    perm = torch.sort(pos, stable=True).indices
+    perm = perm[torch.sort(layer[perm], stable=True).indices]
+    perm = perm[torch.sort(score[perm], descending=True, stable=True).indices]
+    chosen = layer[perm[:extra]]
+    counts = torch.zeros(L, dtype=torch.int64, device=scores.device)
+    return counts.scatter_add_(0, chosen, torch.ones_like(chosen))  # a bincount with a fixed output size
+
+
 class GlobalTopKAllocator(LayerBudgetAllocator):
     name = "global_topk"
     score_dependent = True
@@ -56,19 +74,8 @@ class GlobalTopKAllocator(LayerBudgetAllocator):
         extra = total - L * lo
         if extra == 0:
             return [lo] * L
-        s = layer_scores.detach().to(torch.float32)
-        order = torch.sort(s, dim=1, descending=True, stable=True).indices  # per layer, tie → lower position
-        cand_pos = order[:, lo:cap]  # [L, cap - lo]: candidates in rank order
-        cand_score = torch.gather(s, 1, cand_pos)
-        cand_layer = torch.arange(L).unsqueeze(1).expand_as(cand_pos)
-        score, layer, pos = cand_score.reshape(-1), cand_layer.reshape(-1), cand_pos.reshape(-1)
-        # lexicographic order (score desc, layer asc, position asc) by stable sorts, last key first
-        perm = torch.sort(pos, stable=True).indices
-        perm = perm[torch.sort(layer[perm], stable=True).indices]
-        perm = perm[torch.sort(score[perm], descending=True, stable=True).indices]
-        chosen = layer[perm[:extra]]
-        counts = torch.bincount(chosen, minlength=L) + lo
-        return [int(c) for c in counts]
+        counts = extra_keep_counts(layer_scores.detach().to(torch.float32), lo, cap, extra)
+        return [lo + int(c) for c in counts.tolist()]  # one device-to-host copy
 
     def __repr__(self) -> str:
         return f"GlobalTopKAllocator(max_fraction={self.max_fraction:g})"

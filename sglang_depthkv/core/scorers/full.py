@@ -14,4 +14,4 @@ class FullScorer(Scorer):
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         obs.check()
-        return torch.zeros(obs.num_kv_heads, obs.num_tokens, dtype=torch.float32)
+        return torch.zeros(obs.num_kv_heads, obs.num_tokens, dtype=torch.float32, device=obs.keys.device)

@@ -20,4 +20,5 @@ class StreamingLLMScorer(Scorer):
     def score(self, obs: LayerObservation) -> torch.Tensor:
         obs.check()
         n = obs.num_tokens
-        return torch.arange(n, dtype=torch.float32).unsqueeze(0).expand(obs.num_kv_heads, n).contiguous()
+        pos = torch.arange(n, dtype=torch.float32, device=obs.keys.device)
+        return pos.unsqueeze(0).expand(obs.num_kv_heads, n).contiguous()

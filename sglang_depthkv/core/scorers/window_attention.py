@@ -43,7 +43,7 @@ def window_attention(obs: LayerObservation) -> torch.Tensor:
     group = qh // kvh
     k_per_q = k.repeat_interleave(group, dim=0)  # [qh, n, d]: query head h uses kv head h // group
     logits = torch.matmul(q, k_per_q.transpose(1, 2)) * float(obs.scaling)  # [qh, w, n]
-    query_pos = torch.arange(n - w, n).unsqueeze(1)  # [w, 1]
-    future = torch.arange(n).unsqueeze(0) > query_pos  # [w, n]
+    query_pos = torch.arange(n - w, n, device=logits.device).unsqueeze(1)  # [w, 1]
+    future = torch.arange(n, device=logits.device).unsqueeze(0) > query_pos  # [w, n], on the logits' device
     logits = logits.masked_fill(future, float("-inf"))
     return torch.softmax(logits, dim=-1)
