@@ -145,6 +145,14 @@ def markdown(records, command: str) -> str:
         ratio = "" if r["host_ratio_vs_vanilla"] is None else f"{r['host_ratio_vs_vanilla']:.2f}x"
         lines.append(f"| {r['path']} | {r['layers']} | {r['batch']} | {r['syncs']} | {kinds} | {r['aten_ops']} | "
                      f"{hm} | {ratio} |")
+    lines += ["", "Host ms (decode_graph rows): the host work of one CUDA-graph decode step outside the graph, "
+              "plugin (`alloc` on every layer's stack, one index-stream launch pair, one split-K launch) vs "
+              "vanilla SGLang (`alloc`, `kv_indptr` cumsum, one index launch, one split-K launch), Triton kernel "
+              "bodies skipped, median of repeated steps on this CPU. It is not a whole decode step: the graph "
+              "replay, sampling and the scheduler are the same on both sides and are not in either number.",
+              "", "Not visible to the counter: a CUDA event wait. The allocator waits for its free-count snapshot "
+              "only when an `alloc` or the per-layer eviction top-up (`evict`) needs more than the host's lower "
+              "bound while a free is in flight: under memory pressure, at most once per call."]
     return "\n".join(lines) + "\n"
 
 
