@@ -1,11 +1,12 @@
-"""GPU benchmark of the ragged per-layer KV kernels (issue #3).
+"""GPU benchmark of the ragged per-layer KV kernels.
 
 Prints, per kernel and per length (default 4k..128k tokens) x 32 layers x 8 kv heads x 128 dim
 (bf16): median time (``triton.testing.do_bench``), achieved GB/s or TFLOP/s, and the fraction of
 the device peak measured in the same run (device-to-device copy bandwidth via ``Tensor.copy_``;
 for window scores, the time of one layer's full causal prefill attention of the same length via
-torch SDPA). Goals: compaction / index building >= 80% of copy bandwidth at >= 32k tokens; window
-scores <= 5% of the full prefill attention.
+torch SDPA). Goals: index building >= 80% of copy bandwidth at >= 32k tokens; window scores <= 5%
+of the full prefill attention. (Pruning itself has no kernel: the per-layer pool frees a pruned
+token's slot in place, so there is no compaction pass to measure.)
 
     python benchmarks/kernels.py --out benchmarks/results/kernels-<device>.md --json ...json
 
@@ -84,7 +85,7 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=float, default=0.5, help="fraction of tokens kept per layer")
     p.add_argument("--out", default=None, help="write the markdown table here")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
-    p.add_argument("--kernels", default="copy_compaction,prune,index_streams,window_scores,window_scores_laprox")
+    p.add_argument("--kernels", default="index_streams,window_scores,window_scores_laprox")
     return p.parse_args(argv)
 
 
@@ -104,15 +105,13 @@ def measure_copy_gbps(torch, device, nbytes=2 << 30) -> float:
 
 
 def _batch(torch, n, L, keep, device, gen):
-    """One request of n tokens, logical ids 1..n (identity), random keep sets per layer."""
+    """One request of n tokens, logical ids 1..n (identity), random kept positions per layer."""
     req_to_token = torch.arange(1, n + 1, dtype=torch.int32, device=device)[None, :].contiguous()
     rpi = torch.zeros(1, dtype=torch.int64, device=device)
     seq_lens = torch.tensor([n], dtype=torch.int32, device=device)
     k = max(1, int(keep * n))
     pos = torch.stack([torch.randperm(n, generator=gen, device="cpu")[:k].sort().values for _ in range(L)])
-    keep_positions = pos.reshape(-1).to(torch.int32).to(device)
-    keep_indptr = torch.stack([torch.tensor([l * k, (l + 1) * k]) for l in range(L)]).to(device)
-    return req_to_token, rpi, seq_lens, keep_positions, keep_indptr, k, pos
+    return req_to_token, rpi, seq_lens, k, pos
 
 
 def run(args) -> int:
@@ -121,8 +120,7 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA device", file=sys.stderr)
         return 2
-    from sglang_depthkv.kernels import (LayerKVBuffers, build_kv_indices, compact_kv, prune_kv,
-                                        value_output_norms, window_scores)
+    from sglang_depthkv.kernels import build_kv_indices, value_output_norms, window_scores
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(0)
@@ -134,44 +132,8 @@ def run(args) -> int:
     kernels = set(args.kernels.split(","))
     rows: List[BenchRow] = []
     gen = torch.Generator().manual_seed(0)
-    row_bytes = H * D * 2
     for n in [int(s) for s in args.sizes.split(",")]:
-        r2t, rpi, seq_lens, kpos, kip, k, pos = _batch(torch, n, L, args.keep, dev, gen)
-        if "copy_compaction" in kernels:
-            full_k = [torch.randn((n + 1, H, D), device=dev, dtype=torch.bfloat16) for _ in range(L)]
-            full_v = [torch.randn((n + 1, H, D), device=dev, dtype=torch.bfloat16) for _ in range(L)]
-            lay_k = [torch.empty((k + 1, H, D), device=dev, dtype=torch.bfloat16) for _ in range(L)]
-            lay_v = [torch.empty((k + 1, H, D), device=dev, dtype=torch.bfloat16) for _ in range(L)]
-            src, dst = LayerKVBuffers(full_k, full_v), LayerKVBuffers(lay_k, lay_v)
-            mapping = torch.zeros((L, n + 2), dtype=torch.int32, device=dev)
-            dst_slots = torch.arange(1, k + 1, device=dev, dtype=torch.int32).repeat(L)
-            freed = torch.empty((L, n), dtype=torch.int32, device=dev)
-            cnt = torch.empty(L, dtype=torch.int32, device=dev)
-            fn = lambda: compact_kv(src, dst, mapping, r2t, rpi, seq_lens, kip, kpos, dst_slots, source="logical",
-                                    freed_slots=freed, freed_count=cnt, max_seq_len=n, validate=False)
-            fn()
-            ms = _bench(fn)
-            nbytes = L * (2 * 2 * k * row_bytes + n * 4 * 3 + k * 4 * 2)
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            rows.append(make_row("copy_compaction", n, ms, gbps, "GB/s", gbps / copy_gbps, "copy bandwidth"))
-            del full_k, full_v, lay_k, lay_v, src, dst
-        if "prune" in kernels:
-            base_map = torch.zeros((L, n + 2), dtype=torch.int32, device=dev)
-            base_map[:, 1:n + 1] = torch.arange(1, n + 1, dtype=torch.int32, device=dev)
-            mapping = base_map.clone()
-            freed = torch.empty((L, n), dtype=torch.int32, device=dev)
-            cnt = torch.empty(L, dtype=torch.int32, device=dev)
-
-            def fn():
-                mapping.copy_(base_map)
-                prune_kv(mapping, r2t, rpi, seq_lens, kip, kpos, freed_slots=freed, freed_count=cnt,
-                         max_seq_len=n, validate=False)
-
-            reset_ms = _bench(lambda: mapping.copy_(base_map))
-            ms = max(_bench(fn) - reset_ms, 1e-6)
-            nbytes = L * (n * 4 * 3 + k * 4 + (n - k) * 4 * 2)
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            rows.append(make_row("prune (no copy)", n, ms, gbps, "GB/s", gbps / copy_gbps, "copy bandwidth"))
+        r2t, rpi, seq_lens, k, pos = _batch(torch, n, L, args.keep, dev, gen)
         if "index_streams" in kernels:
             mapping = torch.zeros((L, n + 2), dtype=torch.int32, device=dev)
             for l in range(L):

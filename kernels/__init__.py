@@ -4,20 +4,11 @@ Memory model (SGLang 0.5.17, page_size 1, NHD): layer ``l`` holds K and V in its
 ``[slots_l, kv_heads, head_dim]`` buffers (slot counts differ per layer; slot 0 is a dummy), and
 ``mapping[l, logical_id]`` (int32/int64 ``[L, num_logical + 2]``) gives the layer-``l`` slot of a
 logical token id, 0 = not held (logical id 0 is SGLang's dummy too). A request's logical ids are
-``req_to_token[req_pool_indices[b], :seq_lens[b]]``. All-layers-in-one-launch kernels reach the
-ragged buffers through int64 data-pointer tables (``LayerKVBuffers``), like SGLang's
-``_init_data_ptrs_and_strides``; this also works under ``TRITON_INTERPRET=1``.
+``req_to_token[req_pool_indices[b], :seq_lens[b]]``. Pruning needs no kernel here: the per-layer pool
+frees a pruned token's slot in place (``DepthKVAllocator.prune``), so no compaction pass exists.
 
 API (details in each docstring):
 
-- ``LayerKVBuffers(k_list, v_list)`` / ``.from_stacked(k, v)``: per-layer buffers + pointer tables.
-- ``prune_kv(mapping, req_to_token, req_pool_indices, seq_lens, keep_indptr [L, bs+1],
-  keep_positions, *, freed_slots [L, F], freed_count [L] int32, max_seq_len)``: kept tokens stay put;
-  dropped tokens' slots are reported and their mapping zeroed. One launch, no host sync.
-- ``compact_kv(src, dst, mapping, ..., keep_positions, dst_slots, *, source="logical"|"mapping",
-  freed_slots, freed_count, max_seq_len)``: copy kept rows into caller-allocated slots (ascending per
-  segment), rewrite the mapping, report freed slots; in-place (``dst`` is ``src``) supported under a
-  documented ordering rule. bf16/fp16/fp32/fp8 (bit copies).
 - ``build_kv_indices(mapping [G, M], req_to_token, req_pool_indices, seq_lens, *, kept_lens=None,
   out_indptr, out_indices, kept_lens_out, capacity)``: per-layer (or per-group) FlashInfer /
   Triton-backend ``kv_indptr [G, bs+1]`` / ``kv_indices [G, cap]`` (int32), skipping pruned tokens.
@@ -27,24 +18,19 @@ API (details in each docstring):
   causal window softmax mass averaged over window queries, summed over each GQA group (SnapKV before
   pooling); with ``head_weights = value_output_norms(v_buffer, kv_indices, o_proj_weight,
   num_q_heads=qh)`` it is the LaProx score. Split-K two-pass online softmax, O(W x heads) memory.
-- References (tests): ``compaction_ref``, ``index_streams_ref``, ``window_scores_ref``.
+- References (tests): ``index_streams_ref``, ``window_scores_ref``.
 
 Validation: metadata (shapes, dtypes, devices, strides) is always checked; ``validate=True``
 (default) adds content checks (ids/slots/positions in range, orderings, capacities) at the cost of
 one device sync. Every failure is a ``ValueError`` raised before any launch.
 """
 
-from .compaction import compact_kv, prune_kv
 from .index_streams import build_kv_indices
-from .layer_buffers import LayerKVBuffers
 from .window_scores import output_gram, value_output_norms, window_scores
 
 __all__ = [
-    "LayerKVBuffers",
     "build_kv_indices",
-    "compact_kv",
     "output_gram",
-    "prune_kv",
     "value_output_norms",
     "window_scores",
 ]

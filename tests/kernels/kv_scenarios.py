@@ -8,13 +8,6 @@ from typing import List
 import torch
 
 
-def random_kv(shape, dtype, gen):
-    x = torch.randn(shape, generator=gen) * 2 + 0.5
-    if dtype == torch.uint8:
-        return torch.randint(1, 255, shape, generator=gen, dtype=torch.uint8)
-    return x.to(dtype)
-
-
 @dataclass
 class Batch:
     lens: List[int]
@@ -49,7 +42,7 @@ def make_batch(lens, gen, width=None, num_rows=None, spare=6) -> Batch:
     )
 
 
-def held_mapping(batch: Batch, slots: List[int], gen, ascending=False, dtype=torch.int32) -> torch.Tensor:
+def held_mapping(batch: Batch, slots: List[int], gen, dtype=torch.int32) -> torch.Tensor:
     """Every logical id (batch tokens and spares) held at every layer in a distinct random slot >= 1."""
     L = len(slots)
     m = torch.zeros((L, batch.num_logical + 2), dtype=dtype)
@@ -57,34 +50,5 @@ def held_mapping(batch: Batch, slots: List[int], gen, ascending=False, dtype=tor
     for l, s in enumerate(slots):
         assert s - 1 >= all_ids.numel(), "layer too small for the scenario"
         pick = torch.randperm(s - 1, generator=gen)[: all_ids.numel()] + 1
-        if ascending:
-            # per request, slots ascend with the position (what compaction towards low slots needs)
-            pick = pick.sort().values
-            in_batch = set(torch.cat(batch.ids).tolist()) if batch.ids else set()
-            spare = torch.tensor([i for i in all_ids.tolist() if i not in in_batch], dtype=torch.long)
-            order = torch.cat(batch.ids + [spare])
-            m[l, order] = pick.to(dtype)
-        else:
-            m[l, all_ids] = pick.to(dtype)
+        m[l, all_ids] = pick.to(dtype)
     return m
-
-
-def random_keep(batch: Batch, L: int, gen, all_layers_prune_req=None):
-    """Per (layer, request) a random ascending subset of positions; ``(indptr [L, bs+1], positions)``.
-    Layer 1 of request ``all_layers_prune_req`` keeps nothing."""
-    bs = len(batch.lens)
-    indptr = torch.zeros((L, bs + 1), dtype=torch.int64)
-    pos = []
-    off = 0
-    for l in range(L):
-        indptr[l, 0] = off
-        for b, n in enumerate(batch.lens):
-            k = int(torch.randint(0, n + 1, (1,), generator=gen)) if n else 0
-            if all_layers_prune_req == b and l == 1:
-                k = 0
-            sel = torch.randperm(n, generator=gen)[:k].sort().values if n else torch.zeros(0, dtype=torch.long)
-            pos.append(sel)
-            off += k
-            indptr[l, b + 1] = off
-    positions = torch.cat(pos).to(torch.int32) if pos else torch.zeros(0, dtype=torch.int32)
-    return indptr, positions

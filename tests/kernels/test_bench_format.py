@@ -15,7 +15,7 @@ _spec.loader.exec_module(bench)
 
 def test_table_and_json_from_made_up_timings():
     rows = [
-        bench.make_row("copy_compaction", 65536, 0.5, 2400.0, "GB/s", 0.8, "copy bandwidth"),
+        bench.make_row("index_streams (device lens)", 65536, 0.5, 2400.0, "GB/s", 0.8, "copy bandwidth"),
         bench.make_row("index_streams (host lens)", 4096, 0.01, 100.0, "GB/s", 0.03, "copy bandwidth"),
         bench.make_row("window_scores (1 layer)", 131072, 1.0, 50.0, "TFLOP/s", 0.07, "prefill attention time"),
     ]
@@ -27,7 +27,8 @@ def test_table_and_json_from_made_up_timings():
     body = [l for l in lines if l.startswith("| ") and not l.startswith("| kernel")]
     assert len(body) == 3
     cells = [c.strip() for c in body[0].strip("|").split("|")]
-    assert cells == ["copy_compaction", "65536", "0.5000", "2400.0 GB/s", "0.800", "copy bandwidth", ">= 0.80", "yes"]
+    assert cells == ["index_streams (device lens)", "65536", "0.5000", "2400.0 GB/s", "0.800", "copy bandwidth",
+                     ">= 0.80", "yes"]
     assert body[1].endswith("| - |") and body[2].endswith("| NO |")
     data = json.loads(bench.to_json(rows, "Fake GPU", 3000.0, {"layers": 32}))
     assert data["device"] == "Fake GPU" and len(data["rows"]) == 3 and data["rows"][2]["meets_goal"] is False

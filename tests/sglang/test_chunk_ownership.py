@@ -7,7 +7,6 @@ scenario, not read back from the code."""
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -15,8 +14,10 @@ from dkv_support import build  # noqa: E402
 from test_radix_reuse import make_req  # noqa: E402
 
 from sglang_depthkv.sglang import chunk_ownership as C  # noqa: E402
+from sglang_depthkv.sglang.pruning import PruneRecord, apply_prune  # noqa: E402
 
 TOKENS = [30 + i for i in range(12)]
+EMPTY = torch.zeros(0, dtype=torch.int64)  # a keep set that keeps nothing
 
 
 def run_chunk(req, r2t, alloc, tree, lo, hi):
@@ -44,13 +45,24 @@ def test_own_chunks_are_the_requests_until_another_request_locks_them():
     assert b.cache_protected_len == 4
     tree.inc_lock_ref(b.last_node)
     assert C.unshared_start(a, 0) == 4
-    with pytest.raises(ValueError, match="tree-owned"):  # and B, which did not insert them, never may
-        tree.prune_owned(b, [1], [torch.tensor([0, 1])])
+    # and B, which did not insert them, never prunes them: its own segment starts after its match
+    b_ids = alloc.alloc(2)
+    r2t.write((b.req_pool_idx, slice(4, 6)), b_ids.to(torch.int32))
+    assert C.chunk_own_lo(b) == 4
+    rec = PruneRecord("B", own_lo=C.chunk_own_lo(b), seq_len=6, keep=[torch.arange(4, 6), EMPTY, EMPTY])
+    apply_prune(alloc, r2t.req_to_token, b.req_pool_idx, rec)
+    assert rec.freed == [0, 2, 2]  # B's two own tokens only
+    assert alloc.held_counts(r2t.req_to_token[a.req_pool_idx][:6].long()) == [6, 6, 6]  # A's chunk untouched
+    alloc.free(b_ids)
+    C.forget(b)
     tree.dec_lock_ref(b.last_node)
     assert C.unshared_start(a, 0) == 0
     # A itself may prune its own tree-resident chunk while its chunked prefill runs
     assert alloc.layer_available_sizes() == [34, 14, 24]
-    assert tree.prune_owned(a, [1], [torch.tensor([0, 2])]) == [2]
+    rec = PruneRecord("A", own_lo=C.chunk_own_lo(a), seq_len=6,
+                      keep=[torch.arange(0, 6), torch.tensor([1, 3, 4, 5]), torch.arange(0, 6)])
+    apply_prune(alloc, r2t.req_to_token, a.req_pool_idx, rec)
+    assert rec.freed == [0, 2, 0]
     assert alloc.layer_available_sizes() == [34, 16, 24]
     assert tree.layer_tree_sizes() == ([0, 0, 0], [6, 4, 6])  # A's lock protects the chunk; 2 pruned at layer 1
 
