@@ -52,6 +52,10 @@ def accounting_violations(alloc, tree_cache=None, request_held: Optional[Sequenc
     ev, pr = tree_sizes if tree_sizes is not None else tree_layer_sizes(alloc, tree_cache)
     held = list(request_held) if request_held is not None else [0] * L
     out = []
+    if tree_cache is not None and hasattr(tree_cache, "layer_evictable"):
+        kept = tree_cache.layer_evictable()
+        if kept != list(ev):
+            out.append(f"[depthkv] incremental per-layer evictable counts {kept} != tree walk {list(ev)}")
     frees = alloc.layer_available_sizes(exact=True)
     for l, cap in enumerate(alloc.layer_capacities):
         free = frees[l]

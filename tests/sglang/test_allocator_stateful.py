@@ -311,14 +311,15 @@ class RadixMachine(OracleMachine):
 
     def _spy_frees(self):
         """Every free the tree (or this test) issues goes through the oracle first; nested calls
-        (``free_segment`` -> ``free``) count once."""
+        (``free_segment`` -> ``free``) count once, and a free inside an allocator free group counts
+        when the group ends (``free_group_end`` frees the group's ids in one call)."""
         depth = [0]
 
         def wrap(name, ids_of):
             real = getattr(self.alloc, name)
 
             def spy(*args, **kwargs):
-                if depth[0] == 0:
+                if depth[0] == 0 and self.alloc.is_not_in_free_group:
                     self.on_free(ids_of(*args, **kwargs))
                 depth[0] += 1
                 try:
@@ -458,6 +459,22 @@ class RadixMachine(OracleMachine):
         assert set(in_tree + own) == set(self.held)
         # SGLang's logical invariant: available + evictable + protected + request-owned == total
         assert self.o_logical_free() + self.tree.evictable_size() + self.tree.protected_size() + len(own) == self.size
+
+    @invariant()
+    def incremental_layer_evictable_counts_equal_the_oracle(self):
+        """Per layer, the oracle's held ids inside unlocked tree nodes == ``layer_evictable()``
+        (kept incrementally by the tree, never walked)."""
+        if not hasattr(self, "tree"):
+            return
+        unlocked = []
+        stack = [self.tree.root_node]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            if node is not self.tree.root_node and node.lock_ref == 0:
+                unlocked += [int(i) for i in node.value.tolist()]
+        want = [sum(1 for i in unlocked if l in self.held[i]) for l in range(self.L)]
+        assert self.tree.layer_evictable() == want
 
     def teardown(self):
         if not hasattr(self, "tree"):

@@ -5,13 +5,19 @@ import sys
 from array import array
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dkv_support import build, write_kv  # noqa: E402
 
+from sglang_depthkv.sglang import chunk_ownership as C  # noqa: E402
 from sglang_depthkv.sglang.invariants import check  # noqa: E402
+from sglang_depthkv.sglang.pruning import PruneRecord, apply_prune  # noqa: E402
+
+
+def keep_all_but(lo, hi, dropped):
+    """A keep set of positions ``[lo, hi)`` without ``dropped``."""
+    return torch.tensor([p for p in range(lo, hi) if p not in set(dropped)], dtype=torch.int64)
 
 
 def make_req(rid, tokens, r2t, tree):
@@ -43,9 +49,12 @@ def test_pruned_prefix_is_reused_bit_for_bit():
     r2t.write((a.req_pool_idx, slice(0, len(ids))), ids.to(torch.int32))
     write_kv(pool, ids, seed=7)
     a.kv_committed_len = len(ids)  # as ScheduleBatch.prepare_for_extend sets it
-    # A prunes its own tokens (different ones per layer), then finishes
-    freed = tree.prune_owned(a, [1, 2], [torch.tensor([1, 2, 3, 5, 6]), torch.tensor([4, 8])])
-    assert freed == [5, 2]
+    # A prunes its own tokens (different ones per layer; the end-of-prefill path), then finishes
+    rec = PruneRecord("A", own_lo=C.chunk_own_lo(a), seq_len=10,
+                      keep=[keep_all_but(0, 10, []), keep_all_but(0, 10, [1, 2, 3, 5, 6]), keep_all_but(0, 10, [4, 8])])
+    apply_prune(alloc, r2t.req_to_token, a.req_pool_idx, rec)
+    assert rec.freed == [0, 5, 2]
+    C.forget(a)
     a_state = snapshot(pool, ids)
     tree.cache_finished_req(a, kv_len_to_handle=len(tokens_a))
     r2t.free(a)
@@ -66,15 +75,24 @@ def test_pruned_prefix_is_reused_bit_for_bit():
         n = int(held_b.sum())
         assert torch.equal(kb, ka[:n]) and torch.equal(vb, va[:n])  # bit for bit
 
-    # B may not re-prune the tree-owned prefix while holding it
+    # B never re-prunes the tree-owned prefix it holds: its own segment starts after it
     b = make_req("B", tokens_b, r2t, tree)
     tree.inc_lock_ref(m.last_device_node)
     b.last_node = m.last_device_node
     b.prefix_indices = got
     b.cache_protected_len = len(got)
     r2t.write((b.req_pool_idx, slice(0, 8)), got.to(torch.int32))
-    with pytest.raises(ValueError, match="tree-owned"):
-        tree.prune_owned(b, [0], [torch.tensor([0])])
+    b_ids = alloc.alloc(2)
+    r2t.write((b.req_pool_idx, slice(8, 10)), b_ids.to(torch.int32))
+    own_lo = C.unshared_start(b, C.chunk_own_lo(b))  # as the end-of-prefill entry computes it
+    assert own_lo == 8
+    rec = PruneRecord("B", own_lo=own_lo, seq_len=10, keep=[keep_all_but(8, 10, [8, 9])] * 3)  # keeps nothing
+    apply_prune(alloc, r2t.req_to_token, b.req_pool_idx, rec)
+    assert rec.freed == [2, 2, 2]  # B's own two tokens, at every layer
+    C.forget(b)
+    for l, (held, k, v) in enumerate(snapshot(pool, got)):  # the prefix is still what A left
+        assert torch.equal(held, b_state[l][0]) and torch.equal(k, b_state[l][1]) and torch.equal(v, b_state[l][2])
+    alloc.free(b_ids)
     # lock protection: eviction cannot take the locked prefix
     tree.evict(EvictParams(num_tokens=100))
     assert tree.protected_size() == 8
@@ -90,7 +108,8 @@ def test_pruned_prefix_is_reused_bit_for_bit():
 def test_chunked_prefill_chunks_enter_the_tree_as_in_vanilla():
     """Intermediate chunks are inserted (vanilla SGLang) and ``cache_protected_len`` moves past them.
     Unless the request's chunk ownership was recorded at its first chunk (the ForwardBatch hook does,
-    ``chunk_ownership``; tested in test_chunk_ownership.py), tree-resident positions are refused."""
+    ``chunk_ownership``; tested in test_chunk_ownership.py), its own segment starts after them: the
+    final prune leaves the tree-resident chunk alone."""
     pool, alloc, r2t, tree = build(capacities=(16, 8, 8), size=16)
     tokens = list(range(1, 9))
     req = make_req("C", tokens, r2t, tree)
@@ -103,9 +122,19 @@ def test_chunked_prefill_chunks_enter_the_tree_as_in_vanilla():
     assert tree.total_size() == 4  # the chunk is in the tree
     assert req.cache_protected_len == 4
     assert req.prefix_indices.tolist() == ids.tolist()
-    with pytest.raises(ValueError, match="tree-owned"):
-        tree.prune_owned(req, [1], [torch.tensor([0, 1])])
-    assert alloc.layer_available_sizes() == [12, 4, 4]  # nothing was pruned
+    assert alloc.layer_available_sizes() == [12, 4, 4]
+    more = alloc.alloc(4)  # second (final) chunk: positions [4, 8)
+    r2t.write((req.req_pool_idx, slice(4, 8)), more.to(torch.int32))
+    own_lo = C.chunk_own_lo(req)  # recorded only now: the first chunk is already the tree's
+    assert own_lo == 4
+    rec = PruneRecord("C", own_lo=own_lo, seq_len=8,
+                      keep=[keep_all_but(4, 8, []), keep_all_but(4, 8, [4, 5, 6, 7]), keep_all_but(4, 8, [7])])
+    apply_prune(alloc, r2t.req_to_token, req.req_pool_idx, rec)
+    assert rec.freed == [0, 4, 1]
+    assert alloc.held_counts(ids) == [4, 4, 4]  # the tree-resident chunk is held at every layer
+    assert alloc.layer_available_sizes() == [8, 4, 1]
+    C.forget(req)
+    alloc.free(more)
     tree.dec_lock_ref(req.last_node)
     r2t.free(req)
 
@@ -133,3 +162,24 @@ def test_layer_deficit_matches_brute_force():
     more = alloc.alloc(4)  # request-owned, not evictable
     assert layer_deficit(alloc, tree) == (26) - min(r - 4 for r in rooms)
     alloc.free(more)
+
+
+def test_incremental_layer_evictable_counts_follow_split_lock_prune_and_evict():
+    """``layer_evictable()`` (kept incrementally) through a split by a match, a lock, a prune of the
+    locked tokens by their holder, the unlock (recount) and eviction, against the tree walk."""
+    from sglang.srt.mem_cache.base_prefix_cache import EvictParams, InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
+    pool, alloc, r2t, tree = build(capacities=(24, 12, 16), size=24)
+    ids = alloc.alloc(6)
+    tree.insert(InsertParams(key=RadixKey(array("l", range(10, 16))), value=ids))
+    assert tree.layer_evictable() == [6, 6, 6] == tree.layer_tree_sizes()[0]
+    node = tree.match_prefix(MatchPrefixParams(key=RadixKey(array("l", range(10, 14))))).last_device_node  # splits
+    tree.inc_lock_ref(node)
+    assert tree.layer_evictable() == [2, 2, 2] == tree.layer_tree_sizes()[0]
+    alloc.prune([1], [ids[[0, 2]]])  # the lock holder prunes two of its locked tokens at layer 1
+    tree.dec_lock_ref(node)
+    assert tree.layer_evictable() == [6, 4, 6] == tree.layer_tree_sizes()[0]
+    assert check(alloc, tree) == []
+    tree.evict(EvictParams(num_tokens=6))
+    assert tree.layer_evictable() == [0, 0, 0] and alloc.layer_available_sizes() == [24, 12, 16]
