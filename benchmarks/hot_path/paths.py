@@ -20,7 +20,7 @@ interpreted body is not counted.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -142,7 +142,8 @@ class _ScoringHost:
         return h
 
 
-def prefill_end(counter, st, reqs, prompt):
+def prefill_end(counter, st, reqs, prompt, measure=None):
+    """``measure``: an optional context manager around the counted block (e.g. ``LiveBytes``)."""
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
@@ -163,7 +164,7 @@ def prefill_end(counter, st, reqs, prompt):
         st.pool.set_kv_buffer(None, ids, *_kv(ids.numel(), 10 + l), layer_id_override=l)
     host.depthkv_pending_entries = [ExtendEntry(req=r, rid=str(r.rid), prefix_len=0, seq_len=prompt, own_lo=0,
                                                 final=True) for r in reqs]
-    with counter.count("prefill_end"):
+    with counter.count("prefill_end"), (measure if measure is not None else nullcontext()):
         host._begin_forward(fb)
         for layer in layers:
             host._score_extend_layer(layer, q)

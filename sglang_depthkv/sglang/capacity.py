@@ -14,7 +14,9 @@ until its request's scores are known; see ``default_headroom``). The bytes charg
                per-layer free lists int64 C_l     (the layer allocators)
                logical free list int64 N          (SGLang's logical allocator)
 
-and N is the largest value whose total fits the byte budget SGLang computed for its KV pool
+plus the plugin's other device buffers (``plugin_memory``: CUDA-graph page tables, decode ring,
+end-of-prefill scoring transients), and N is the largest value whose total fits the byte budget
+SGLang computed for its KV pool
 (``mem_fraction_static`` logic unchanged). ``cell_l`` is SGLang's own per-token cell size divided by
 the number of layers (``DefaultPoolConfigurator``), so vanilla and ours price a slot the same.
 """
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 MAPPING_BYTES = 4  # int32 per (layer, logical id)
 FREE_LIST_BYTES = 8  # int64 per slot in a free list
@@ -38,6 +40,7 @@ class CapacityPlan:
     capacities: tuple  # C_l
     headroom: int  # H
     bytes_per_slot: int  # cell_l (K+V bytes of one token at one layer)
+    plugin: Tuple[Tuple[str, int], ...] = ()  # other plugin buffers (name, bytes): plugin_memory
 
     @property
     def num_layers(self) -> int:
@@ -49,8 +52,11 @@ class CapacityPlan:
     def metadata_bytes(self) -> int:
         return metadata_bytes(self.logical_tokens, self.capacities)
 
+    def plugin_bytes(self) -> int:
+        return sum(b for _, b in self.plugin)
+
     def total_bytes(self) -> int:
-        return self.kv_bytes() + self.metadata_bytes()
+        return self.kv_bytes() + self.metadata_bytes() + self.plugin_bytes()
 
     def table(self, policy: str, budget: float) -> str:
         """One table: layer, keep fraction, capacity tokens, GiB, then the logical capacity."""
@@ -60,8 +66,11 @@ class CapacityPlan:
         ]
         for l, (f, c) in enumerate(zip(self.fractions, self.capacities)):
             lines.append(f"{l:>5} {f:>9.4f} {c:>12d} {(c + 1) * self.bytes_per_slot / GIB:>9.4f}")
+        for name, b in self.plugin:
+            lines.append(f"plugin buffer: {name} {b / GIB:.4f} GiB")
+        extra = f" + plugin buffers {self.plugin_bytes() / GIB:.4f} GiB" if self.plugin else ""
         lines.append(
-            f"total KV {self.kv_bytes() / GIB:.4f} GiB + metadata {self.metadata_bytes() / GIB:.4f} GiB = "
+            f"total KV {self.kv_bytes() / GIB:.4f} GiB + metadata {self.metadata_bytes() / GIB:.4f} GiB{extra} = "
             f"{self.total_bytes() / GIB:.4f} GiB; logical capacity max_total_num_tokens={self.logical_tokens}"
         )
         return "\n".join(lines)
@@ -84,33 +93,41 @@ def check_fractions(fractions: Sequence[float]) -> None:
             raise ValueError(f"layer fractions: layer {l} has {f!r}, not in (0, 1]")
 
 
-def plan_for_tokens(n: int, fractions: Sequence[float], headroom: int, bytes_per_slot: int) -> CapacityPlan:
+PluginItems = Optional[Callable[[Sequence[int]], Tuple[Tuple[str, int], ...]]]
+
+
+def plan_for_tokens(n: int, fractions: Sequence[float], headroom: int, bytes_per_slot: int,
+                    plugin: PluginItems = None) -> CapacityPlan:
     check_fractions(fractions)
     if n < 1:
         raise ValueError(f"logical capacity must be >= 1, got {n}")
     if headroom < 0:
         raise ValueError(f"headroom must be >= 0, got {headroom}")
+    caps = tuple(layer_capacities(n, fractions, headroom))
     return CapacityPlan(
         logical_tokens=int(n),
         fractions=tuple(float(f) for f in fractions),
-        capacities=tuple(layer_capacities(n, fractions, headroom)),
+        capacities=caps,
         headroom=int(headroom),
         bytes_per_slot=int(bytes_per_slot),
+        plugin=tuple(plugin(caps)) if plugin is not None else (),
     )
 
 
 def plan_for_bytes(
     available_bytes: int, fractions: Sequence[float], headroom: int, bytes_per_slot: int,
-    max_tokens: Optional[int] = None,
+    max_tokens: Optional[int] = None, plugin: PluginItems = None,
 ) -> CapacityPlan:
-    """Largest N whose KV + metadata fits ``available_bytes`` (binary search: bytes grow with N)."""
+    """Largest N whose KV + metadata + plugin buffers fit ``available_bytes`` (binary search: bytes
+    grow with N)."""
     check_fractions(fractions)
     if bytes_per_slot <= 0:
         raise ValueError(f"bytes_per_slot must be > 0, got {bytes_per_slot}")
 
     def cost(n: int) -> int:
         caps = layer_capacities(n, fractions, headroom)
-        return sum((c + 1) * bytes_per_slot for c in caps) + metadata_bytes(n, caps)
+        extra = sum(b for _, b in plugin(caps)) if plugin is not None else 0
+        return sum((c + 1) * bytes_per_slot for c in caps) + metadata_bytes(n, caps) + extra
 
     lo, hi = 0, 1
     while cost(hi) <= available_bytes:  # make sure hi is infeasible
@@ -126,9 +143,9 @@ def plan_for_bytes(
     if lo < 1:
         raise ValueError(
             f"KV budget of {available_bytes} bytes holds no token at {bytes_per_slot} bytes per layer slot "
-            f"with {headroom} tokens of headroom per layer; raise --mem-fraction-static"
+            f"with {headroom} tokens of headroom per layer and the plugin's buffers; raise --mem-fraction-static"
         )
-    return plan_for_tokens(lo, fractions, headroom, bytes_per_slot)
+    return plan_for_tokens(lo, fractions, headroom, bytes_per_slot, plugin)
 
 
 def policy_layer_fractions(settings, num_layers: int, hf_config=None) -> List[float]:

@@ -15,6 +15,7 @@ from sglang.srt.model_executor.pool_configurator import (
     MemoryPoolConfigurator,
 )
 
+from sglang_depthkv.sglang import plugin_memory
 from sglang_depthkv.sglang.capacity import (
     CapacityPlan,
     default_headroom,
@@ -42,9 +43,11 @@ class DepthKVPoolConfigurator(MemoryPoolConfigurator):
         self.headroom = default_headroom(
             getattr(sa, "chunked_prefill_size", None), int(kvc.model_config.context_len), settings.window, settings.sinks
         )
+        self.shapes = plugin_memory.shapes_of(kvc, settings, gate_hidden=_gates_read_hidden(settings, kvc))
+        self.plugin = plugin_memory.items_function(self.shapes)
 
     def plan_for_tokens(self, n: int) -> CapacityPlan:
-        return plan_for_tokens(n, self.fractions, self.headroom, self.bytes_per_slot)
+        return plan_for_tokens(n, self.fractions, self.headroom, self.bytes_per_slot, self.plugin)
 
     def _config(self, plan: CapacityPlan) -> MemoryPoolConfig:
         config = MemoryPoolConfig(max_total_num_tokens=plan.logical_tokens)
@@ -54,9 +57,20 @@ class DepthKVPoolConfigurator(MemoryPoolConfigurator):
     def calculate_pool_sizes(self, available_bytes: int, page_size: int) -> MemoryPoolConfig:
         if page_size != 1:
             raise ValueError(f"--page-size: {page_size} not supported with --kv-policy")
-        return self._config(plan_for_bytes(available_bytes, self.fractions, self.headroom, self.bytes_per_slot))
+        return self._config(plan_for_bytes(available_bytes, self.fractions, self.headroom, self.bytes_per_slot,
+                                           plugin=self.plugin))
 
     def calculate_pool_sizes_from_max_tokens(self, max_total_num_tokens: int, page_size: int) -> MemoryPoolConfig:
         if page_size != 1:
             raise ValueError(f"--page-size: {page_size} not supported with --kv-policy")
         return self._config(self.plan_for_tokens(max_total_num_tokens))
+
+
+def _gates_read_hidden(settings, kvc) -> bool:
+    """Whether the KVzip gate file reads hidden states (they are then stashed across chunks)."""
+    if settings.gates is None:
+        return False
+    from sglang_depthkv.core.gates import load_gates
+    from sglang_depthkv.core.types import ModelIdentity
+
+    return bool(load_gates(settings.gates, ModelIdentity.from_hf_config(kvc.model_config.hf_config)).spec.use_hidden)

@@ -39,6 +39,10 @@ def index_dtype(max_slots: int, row_stride: int) -> torch.dtype:
     return torch.int32 if (int(max_slots) + 1) * int(row_stride) < 2 ** 31 else torch.int64
 
 
+def index_dtype_bytes(max_slots: int, row_stride: int) -> int:
+    return 4 if index_dtype(max_slots, row_stride) == torch.int32 else 8
+
+
 def graph_capacity(max_bs: int, context_len: int, layer_capacities) -> int:
     return max(1, min(int(max_bs) * int(context_len), max(int(c) for c in layer_capacities) + int(max_bs)))
 

@@ -1,0 +1,126 @@
+"""Device memory the plugin allocates besides the KV pool and its metadata, counted before the pool
+is sized (``DepthKVPoolConfigurator``), so the capacity table and SGLang's memory check see it.
+
+Named items, bytes each (``L`` layers, ``C`` the largest layer capacity, ``B`` the largest captured
+decode batch, ``T`` the context length, ``w`` the window, ``I`` the decode interval):
+
+- CUDA-graph decode buffers (only with decode CUDA graphs): per-layer page tables
+  ``L * graph_capacity(B, T, C)`` indices (int32 while slot offsets fit, else int64), ``L * (B+1)``
+  indptr, ``L * B`` held counts, ``L * B`` split counts (int32);
+- the decode ring (decode CUDA graphs with ``--kv-decode-interval``): ``L * (B*w + B) * qh * d``
+  query-dtype elements, plus ``L * (B*(I+w) + B) * hidden`` for gates with hidden states;
+- end-of-prefill scoring, one request and one layer at a time, at ``n = T`` held tokens: the held
+  positions and slots (``n * 24``), keys and values gathered in the KV dtype and in float32
+  (``2 * kvh * n * d * (kv_bytes + 4)``), the window softmax and probabilities
+  (``2 * qh * w * n * 4``), the per-layer held-count read (``L * n * 5``) and the own-token scores
+  of every layer kept until the last layer (``L * (T + P) * 4``, ``P`` the prefill chunk: one chunked
+  request plus whole prompts inside one chunk);
+- KVzip gates with hidden states: the attention inputs of the chunks of a chunked prompt kept until
+  its final chunk (``L * T * hidden * act_bytes``) and of the current batch (``L * P * hidden *
+  act_bytes``).
+
+Nothing here is allocated by this module: it is the model the allocations are checked against
+(``tests/sglang/test_plugin_memory.py`` allocates the real buffers at small sizes and compares).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Sequence, Tuple
+
+Items = Tuple[Tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class PluginShapes:
+    num_layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int
+    context_len: int
+    kv_bytes: int  # bytes of one K (or V) element in the pool
+    act_bytes: int  # bytes of one activation element (queries, hidden states)
+    graph_max_bs: int  # 0: no decode CUDA graphs
+    prefill_chunk: int  # tokens of one prefill batch (chunked_prefill_size, or the context)
+    window: int
+    decode_interval: int
+    scores: bool  # the policy scores tokens (anything but full / budget 1)
+    gate_hidden: bool  # KVzip gates that read hidden states
+
+
+def graph_items(s: PluginShapes, max_capacity: int) -> Items:
+    from sglang_depthkv.sglang.backends.layer_indices import graph_capacity, index_dtype_bytes
+
+    if s.graph_max_bs <= 0:
+        return ()
+    L, B = s.num_layers, s.graph_max_bs
+    cap = graph_capacity(B, s.context_len, [max_capacity])
+    idx = index_dtype_bytes(max_capacity, s.kv_heads * s.head_dim)
+    items = [("graph page tables", L * (cap * idx + 4 * (B + 1) + 4 * B + 4 * B))]
+    if s.decode_interval > 0 and s.scores:
+        q = L * (B * s.window + B) * s.q_heads * s.head_dim * s.act_bytes
+        if s.gate_hidden:
+            q += L * (B * (s.decode_interval + s.window) + B) * s.hidden_size * s.act_bytes
+        items.append(("decode ring", q))
+    return tuple(items)
+
+
+def scoring_items(s: PluginShapes) -> Items:
+    if not s.scores:
+        return ()
+    n, L, w = s.context_len, s.num_layers, max(1, s.window)
+    one_layer = n * 24 + 2 * s.kv_heads * n * s.head_dim * (s.kv_bytes + 4) + 2 * s.q_heads * w * n * 4
+    items = [("prefill scoring", one_layer + L * n * 5 + L * (n + s.prefill_chunk) * 4)]
+    if s.gate_hidden:
+        items.append(("gate hidden states", L * (n + s.prefill_chunk) * s.hidden_size * s.act_bytes))
+    return tuple(items)
+
+
+def plugin_items(s: PluginShapes, capacities: Sequence[int]) -> Items:
+    return graph_items(s, max(int(c) for c in capacities)) + scoring_items(s)
+
+
+def items_function(s: PluginShapes) -> Callable[[Sequence[int]], Items]:
+    """``capacities -> items`` for the capacity plan (the graph tables grow with the largest layer)."""
+    return lambda capacities: plugin_items(s, capacities)
+
+
+def total(items: Items) -> int:
+    return sum(b for _, b in items)
+
+
+def shapes_of(kvc, settings, gate_hidden: bool = False) -> PluginShapes:
+    """The shapes of a ``KVCacheConfigurator`` (SGLang's) and the plugin's settings."""
+    sa, mc = kvc.server_args, kvc.model_config
+    hf = mc.hf_config
+    kv_bytes = kvc.kv_cache_dtype.itemsize if hasattr(kvc.kv_cache_dtype, "itemsize") else 2
+    act_bytes = kvc.model_dtype.itemsize if hasattr(kvc.model_dtype, "itemsize") else 2
+    context = int(mc.context_len)
+    chunk = getattr(sa, "chunked_prefill_size", None)
+    return PluginShapes(
+        num_layers=int(kvc.layer_info.num_effective_layers), q_heads=int(mc.num_attention_heads),
+        kv_heads=int(mc.get_num_kv_heads(1)), head_dim=int(mc.head_dim), hidden_size=int(hf.hidden_size),
+        context_len=context, kv_bytes=int(kv_bytes), act_bytes=int(act_bytes),
+        graph_max_bs=graph_max_bs(sa),
+        prefill_chunk=int(chunk) if chunk and chunk > 0 else context, window=int(settings.window),
+        decode_interval=int(settings.decode_interval), scores=bool(settings.prunes),
+        gate_hidden=bool(gate_hidden and settings.prunes),
+    )
+
+
+def graph_max_bs(server_args) -> int:
+    """Largest captured decode batch, 0 without decode CUDA graphs."""
+    if getattr(server_args, "disable_cuda_graph", False) or not str(getattr(server_args, "device", "")).startswith(
+            "cuda"):
+        return 0
+    cfg = getattr(server_args, "cuda_graph_config", None)
+    dec = getattr(cfg, "decode", None)
+    if dec is None or getattr(dec, "backend", None) == "disabled":
+        return 0
+    bs: List[int] = list(getattr(dec, "bs", None) or [])
+    mx = getattr(dec, "max_bs", None) or (max(bs) if bs else None) or getattr(server_args, "cuda_graph_max_bs", None)
+    if not mx:
+        raise ValueError("cuda graph config: decode graphs are on but their largest batch is unknown; "
+                         "set --cuda-graph-max-bs")
+    return int(mx)
