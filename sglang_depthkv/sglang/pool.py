@@ -8,7 +8,10 @@ logical token id -> layer slot.
   column stays 0 so that a ``-1`` id (SGLang's "no previous token") maps to 0. This is SGLang's
   ``full_to_swa_index_mapping`` generalised from 2 groups to L layers. The allocator
   (``DepthKVAllocator``) is the only writer of the mapping.
-- ``set_kv_buffer`` takes SGLang's logical ``out_cache_loc`` and writes through the mapping.
+- ``set_kv_buffer`` takes SGLang's logical ``out_cache_loc`` and writes through the mapping. Under
+  CUDA-graph decode the graph must not translate: the backend fills ``write_slots [L, bs]`` (one
+  gather of the mapping, in replay-prep, as SGLang's unified pool translates its write locations
+  there) and, while capturing, sets ``read_write_slots`` so the captured writes read that buffer.
   ``get_key_buffer(layer)`` returns the *physical* buffer: a reader must translate logical ids with
   ``translate(layer, ids)`` first (``sglang/backends/torch_native.py`` does).
 
@@ -60,6 +63,8 @@ class DepthKVPool(KVCache):
                 for c in self.layer_capacities
             ]
         self.mapping = torch.zeros((layer_num, size + self.page_size + 1), dtype=torch.int32, device=device)
+        self.write_slots: Optional[torch.Tensor] = None  # [L, max graph tokens]: alloc_write_slots
+        self.read_write_slots = False
         self._finalize_allocation_log(size)
 
     # --- layer bookkeeping -------------------------------------------------------------------
@@ -72,6 +77,18 @@ class DepthKVPool(KVCache):
     def translate(self, layer_id: int, logical_ids: torch.Tensor) -> torch.Tensor:
         """Layer slots (int64) of logical ids at ``layer_id``; 0 where the layer does not hold it."""
         return self.mapping[self._local(layer_id)][logical_ids.long()].long()
+
+    # --- CUDA-graph write slots ---------------------------------------------------------------
+    def alloc_write_slots(self, max_tokens: int) -> None:
+        self.write_slots = torch.zeros((self.layer_num, max(int(max_tokens), 1)), dtype=torch.int64,
+                                       device=self.device)
+
+    def fill_write_slots(self, loc: torch.Tensor, n: int) -> None:
+        """Layer slots of the first ``n`` write locations at every layer (one gather, no host read)."""
+        if self.write_slots is None:
+            raise RuntimeError("DepthKVPool.fill_write_slots before alloc_write_slots")
+        if n:
+            self.write_slots[:, :n] = self.mapping[:, loc[:n].long()]
 
     # --- KVCache API -------------------------------------------------------------------------
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
@@ -106,7 +123,10 @@ class DepthKVPool(KVCache):
         loc, _swa, _full = unwrap_write_loc(loc)
         layer_id = layer_id_override if layer_id_override is not None else layer.layer_id
         l = self._local(layer_id)
-        slots = self.mapping[l][loc.long()].long()
+        if self.read_write_slots:
+            slots = self.write_slots[l, :loc.shape[0]]
+        else:
+            slots = self.mapping[l][loc.long()].long()
         if cache_k.dtype != self.dtype:
             if k_scale is not None:
                 cache_k = cache_k / k_scale

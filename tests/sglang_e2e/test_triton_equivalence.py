@@ -9,8 +9,9 @@ over per-layer pruned KV: the same checks as the torch_native ``test_reference_e
   of 4 requests of lengths 40 / 57 / 23 / 9 (9: not pruned);
 - ``kv_policy="full"`` on triton gives exactly vanilla SGLang's triton tokens (same batch).
 
-KVzip and ``full`` run with ``SGLANG_DEPTHKV_TRITON_GRAPH_BUFFERS=1``: their decode batches read
-through the CUDA-graph buffers (bound per batch size, refilled in place), and KVzip's decode steps
+KVzip and ``full`` run with ``graph_buffers/sitecustomize.py`` on ``PYTHONPATH`` (a test-side
+start-up patch): their decode batches read through the CUDA-graph buffers (bound per batch size,
+refilled in place, writes through the prepared write slots), and KVzip's decode steps
 are recorded in the CUDA-graph ring (``decode_ring.DecodeRing``: queries and attention inputs
 written at the rows bound before the step) with every pruning event run before the next step
 (``backends/graph_decode.py``): the dump says each event came from the ring, and LaProx's (eager
@@ -35,7 +36,8 @@ sys.path.insert(0, str(HERE))
 
 import test_reference_equivalence as torch_native_eq  # noqa: E402  (helpers and assertions reused)
 
-from sglang_depthkv.sglang.backends.triton import GRAPH_BUFFERS_ENV  # noqa: E402
+GRAPH_BUFFERS_ENV = {"PYTHONPATH": os.pathsep.join(p for p in (str(HERE / "graph_buffers"),
+                                                                 os.environ.get("PYTHONPATH")) if p)}
 
 PROMPTS, HIT_SUFFIX = torch_native_eq.PROMPTS, torch_native_eq.HIT_SUFFIX
 STEPS = torch_native_eq.STEPS
@@ -110,7 +112,7 @@ def setup(tmp_path_factory):
          "batches": [_batch("llama-vanilla")], "max_new_tokens": STEPS},
     ]}
     # two Engine subprocesses side by side (one scheduler core each; the env differs)
-    procs = [_start(eager), _start(graph, {GRAPH_BUFFERS_ENV: "1"})]
+    procs = [_start(eager), _start(graph, GRAPH_BUFFERS_ENV)]
     try:
         (res, log), (res_g, log_g) = [_collect(p, 1200) for p in procs]
     finally:

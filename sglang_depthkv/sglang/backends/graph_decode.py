@@ -63,7 +63,6 @@ class GraphDecodePruningMixin:
 
     decode_ring: Optional[DecodeRing] = None
     _ring_live = False  # the next decode forward(s) write the ring (graph or graph-buffer batches)
-    _eager_through_graph = False  # SGLANG_DEPTHKV_TRITON_GRAPH_BUFFERS: in_capture is a first binding, not a capture
 
     def _init_graph_decode(self, max_bs: int) -> None:
         self._layer_scalings: List[Optional[float]] = [None] * self.token_to_kv_pool.layer_num
@@ -92,7 +91,9 @@ class GraphDecodePruningMixin:
     def _prepare_graph_decode(self, fb, bs: int, in_capture: bool) -> None:
         ring = self.decode_ring
         self._ring_live = ring is not None
-        if in_capture and not self._eager_through_graph:  # SGLang's capture: dummy rows only
+        # SGLang's capture builds its ForwardBatch directly (no ForwardBatch.init_new hook, so no
+        # requests were handed over): dummy rows only
+        if in_capture and getattr(self.model_runner, "depthkv_pending_decode_reqs", None) is None:
             self.model_runner.depthkv_pending_decode_reqs = None
             if ring is not None:
                 self._install_hidden_hooks()

@@ -48,8 +48,8 @@ speculative modes are refused by name.
 
 Exercised on CPU (TRITON_INTERPRET=1, ``disable_cuda_graph``): the eager extend / decode paths with
 SGLang's kernels in a real Engine (tests/sglang_e2e/test_triton_equivalence.py); the graph
-metadata path without capture: with ``SGLANG_DEPTHKV_TRITON_GRAPH_BUFFERS=1`` eager decode batches
-use the preallocated buffers, bound once per batch size by ``init_forward_metadata_out_graph(...,
+metadata path without capture: a test-side start-up patch makes eager decode batches use the
+preallocated buffers, bound once per batch size by ``init_forward_metadata_out_graph(...,
 in_capture=True)`` and refilled in place by ``init_forward_metadata_out_graph(...)`` afterwards, and
 decode-time pruning goes through the ring (one Engine run of that test: KVzip with
 ``kv_decode_interval``, events equal to the HF reference's); the buffer fill with padded rows against
@@ -64,7 +64,6 @@ updates (on CPU the forward is synchronous; see torch_native.py).
 
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import torch
@@ -75,10 +74,6 @@ from sglang_depthkv.kernels.kv_splits import layer_kv_splits
 from sglang_depthkv.sglang.backends.graph_decode import GraphDecodePruningMixin
 from sglang_depthkv.sglang.backends.layer_indices import LayerIndexStreams, graph_capacity, index_dtype
 from sglang_depthkv.sglang.backends.scoring import DepthKVScoringMixin
-
-# Tests: eager decode batches go through the CUDA-graph buffers (bound once per batch size as a
-# capture would, refilled in place by init_forward_metadata_out_graph as before a replay).
-GRAPH_BUFFERS_ENV = "SGLANG_DEPTHKV_TRITON_GRAPH_BUFFERS"
 
 _EAGER_MODES = (ForwardMode.EXTEND, ForwardMode.MIXED, ForwardMode.DECODE, ForwardMode.IDLE)
 
@@ -111,11 +106,6 @@ class DepthKVTritonAttnBackend(GraphDecodePruningMixin, DepthKVScoringMixin, Tri
                                          index_dtype(max(pool.layer_capacities), row_stride))
         self._layer_streams = None  # (indptr [L, bs+1], indices [L, cap], num_kv_splits [L, *] or None)
         self._graph_splits = None
-        self._graph_bindings = None
-        if os.environ.get(GRAPH_BUFFERS_ENV) == "1":
-            size = self.req_to_token_pool.size
-            self.init_cuda_graph_state(size, size)
-            self._graph_bindings = {}
 
     # --- metadata (eager) -----------------------------------------------------------------------------
     def init_forward_metadata(self, forward_batch):
@@ -125,10 +115,9 @@ class DepthKVTritonAttnBackend(GraphDecodePruningMixin, DepthKVScoringMixin, Tri
                                       "(speculative decoding is refused at start-up)")
         if mode.is_decode_or_idle():
             self._init_decode(forward_batch)
-            if self._graph_bindings is not None:
-                return  # through the graph buffers: init_forward_metadata_out_graph claimed the batch
         else:
             self._init_extend(forward_batch)
+        self.token_to_kv_pool.read_write_slots = False  # eager writes translate through the mapping
         self._ring_live = False
         self._begin_forward(forward_batch)
 
@@ -145,8 +134,6 @@ class DepthKVTritonAttnBackend(GraphDecodePruningMixin, DepthKVScoringMixin, Tri
     def _init_decode(self, fb):
         bs = fb.batch_size
         self.streams.check_held(fb.out_cache_loc, "the decoded token")
-        if self._graph_bindings is not None:
-            return self._init_decode_through_graph_buffers(fb, bs)
         cap = fb.seq_lens_sum if fb.seq_lens_sum is not None else bs * self.max_context_len
         indptr, indices, kept = self.streams.build(fb.req_pool_indices, fb.seq_lens, cap)
         splits = torch.empty((self.streams.num_layers, bs), dtype=torch.int32, device=self.device)
@@ -157,21 +144,6 @@ class DepthKVTritonAttnBackend(GraphDecodePruningMixin, DepthKVScoringMixin, Tri
             attn_lse=torch.empty((bs, self.num_head, self.max_kv_splits), dtype=torch.float32, device=self.device),
         )
         self._layer_streams = (indptr, indices, splits)
-
-    def _init_decode_through_graph_buffers(self, fb, bs):
-        """``GRAPH_BUFFERS_ENV``: first batch of a size binds the metadata (capture), later ones only
-        refill the buffers (replay) and reuse that binding."""
-        bound = self._graph_bindings.get(bs)
-        self._eager_through_graph = True
-        try:
-            if bound is None:
-                self.init_forward_metadata_out_graph(fb, in_capture=True)
-                self._graph_bindings[bs] = (self.forward_metadata, self._layer_streams)
-            else:
-                self.init_forward_metadata_out_graph(fb)
-                self.forward_metadata, self._layer_streams = bound
-        finally:
-            self._eager_through_graph = False
 
     def _fill_splits(self, splits, kept, bs):
         """``num_kv_splits`` of every layer from its held lengths: SGLang's rule, one launch."""
@@ -187,6 +159,7 @@ class DepthKVTritonAttnBackend(GraphDecodePruningMixin, DepthKVScoringMixin, Tri
             raise NotImplementedError(f"{type(self).__name__}: shared graph buffers (speculative draft backends)")
         pool = self.token_to_kv_pool
         self.streams.alloc_graph(max_bs, graph_capacity(max_bs, self.max_context_len, pool.layer_capacities))
+        pool.alloc_write_slots(max_num_tokens)
         L = self.streams.num_layers
         self._graph_splits = torch.full((L, max_num_tokens), self.max_kv_splits, dtype=torch.int32, device=self.device)
         self.cuda_graph_attn_logits = torch.zeros((max_num_tokens, self.num_head, self.max_kv_splits, self.v_head_dim),
@@ -208,7 +181,10 @@ class DepthKVTritonAttnBackend(GraphDecodePruningMixin, DepthKVScoringMixin, Tri
         self._prepare_graph_decode(forward_batch, bs, in_capture)
         indptr, indices, kept = self.streams.fill_graph(forward_batch.req_pool_indices, forward_batch.seq_lens, bs)
         self._fill_splits(self._graph_splits, kept, bs)
+        pool = self.token_to_kv_pool
+        pool.fill_write_slots(forward_batch.out_cache_loc, bs)
         if in_capture:
+            pool.read_write_slots = True  # the captured writes read write_slots (refilled above per replay)
             self.forward_metadata = _metadata(attn_logits=self.cuda_graph_attn_logits,
                                               attn_lse=self.cuda_graph_attn_lse)
             self._layer_streams = (indptr, indices, self._graph_splits)
