@@ -130,3 +130,24 @@ def test_pressure_counters_count_evicted_slots_per_layer(server_args, monkeypatc
     assert counters.evicted_slots == [6, 4, 6]  # the 2 tokens pruned at layer 1 freed no slot there
     assert alloc.layer_available_sizes() == [24, 12, 16]
     assert torch.count_nonzero(alloc.mapping) == 0
+
+
+def test_production_idle_check_is_throttled_accounting(server_args, monkeypatch):
+    """Content checks off: the idle hook runs the per-layer accounting check at most once per period
+    (a slot lost at one layer is still caught then), never the full structural scan."""
+    from sglang_depthkv.patches import invariant_checker
+    from sglang_depthkv.sglang import checks
+
+    monkeypatch.setenv(checks.ENV, "0")
+    monkeypatch.setenv(invariant_checker.PERIOD_ENV, "3600")
+    monkeypatch.setattr(invariant_checker, "_last_light", None)
+    monkeypatch.setattr("sglang_depthkv.sglang.invariants.structural_violations",
+                        lambda alloc: pytest.fail("structural scan in production mode"))
+    pool, alloc, r2t, tree = build(capacities=(24, 12, 16), size=24)
+    chk, obs = real_checker(server_args, alloc, tree, r2t)
+    fill_tree(alloc, tree)
+    alloc.alloc(2)  # held by a request the idle check does not know of: accounting is off by 2 per layer
+    has_leak, msgs = chk._check_all_pools(obs.get_pool_stats())
+    assert has_leak and any("[depthkv layer 0]" in m for m in msgs), msgs
+    has_leak, msgs = chk._check_all_pools(obs.get_pool_stats())  # within the period: not run again
+    assert not any("depthkv" in m for m in msgs), msgs
