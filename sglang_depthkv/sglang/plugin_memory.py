@@ -6,7 +6,7 @@ decode batch, ``T`` the context length, ``w`` the window, ``I`` the decode inter
 
 - CUDA-graph decode buffers (only with decode CUDA graphs): per-layer page tables
   ``L * graph_capacity(B, T, C)`` indices (int32 while slot offsets fit, else int64), ``L * (B+1)``
-  indptr, ``L * B`` held counts, ``L * B`` split counts (int32);
+  indptr, ``L * B`` held counts, ``L * B`` split counts (int32), ``L * B`` write slots (int64);
 - the decode ring (decode CUDA graphs with ``--kv-decode-interval``): ``L * (B*w + B) * qh * d``
   query-dtype elements, plus ``L * (B*(I+w) + B) * hidden`` for gates with hidden states;
 - end-of-prefill scoring, one request and one layer at a time, at ``n = T`` held tokens: the held
@@ -57,7 +57,7 @@ def graph_items(s: PluginShapes, max_capacity: int) -> Items:
     L, B = s.num_layers, s.graph_max_bs
     cap = graph_capacity(B, s.context_len, [max_capacity])
     idx = index_dtype_bytes(max_capacity, s.kv_heads * s.head_dim)
-    items = [("graph page tables", L * (cap * idx + 4 * (B + 1) + 4 * B + 4 * B))]
+    items = [("graph page tables", L * (cap * idx + 4 * (B + 1) + 4 * B + 4 * B + 8 * B))]
     if s.decode_interval > 0 and s.scores:
         q = L * (B * s.window + B) * s.q_heads * s.head_dim * s.act_bytes
         if s.gate_hidden:

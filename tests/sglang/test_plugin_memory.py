@@ -35,12 +35,16 @@ def test_graph_items_equal_the_real_graph_buffers_and_ring():
                                 index_dtype(max(caps), s.kv_heads * s.head_dim))
     streams.alloc_graph(s.graph_max_bs, graph_capacity(s.graph_max_bs, s.context_len, caps))
     splits = torch.zeros((s.num_layers, s.graph_max_bs), dtype=torch.int32)  # the backend's _graph_splits
+    from sglang_depthkv.sglang.pool import DepthKVPool
+
+    pool = DepthKVPool(300, caps, torch.bfloat16, s.kv_heads, s.head_dim, s.num_layers, "cpu")
+    pool.alloc_write_slots(s.graph_max_bs)
     ring = DecodeRing(num_layers=s.num_layers, slots=s.graph_max_bs, max_bs=s.graph_max_bs, window=s.window,
                       interval=s.decode_interval, q_heads=s.q_heads, head_dim=s.head_dim, hidden_size=s.hidden_size,
                       table_rows=8, dtype=torch.bfloat16, device="cpu")
     items = dict(M.graph_items(s, max(caps)))
     assert items["graph page tables"] == tensor_bytes(streams.graph_indptr, streams.graph_indices, streams.graph_kept,
-                                                      splits)
+                                                      splits, pool.write_slots)
     assert items["decode ring"] == tensor_bytes(ring.q, ring.h)
     assert M.graph_items(shapes(graph_max_bs=0), max(caps)) == ()  # no decode graphs: nothing
 
