@@ -15,13 +15,16 @@
 - ``ChunkStash`` (kept on the ``Req`` between chunks of a chunked prefill): per layer the last
   ``window`` queries seen so far (so a final chunk shorter than the window still has a full
   observation window) and, for scorers that use them (KVzip gates), the attention inputs of the
-  request's own tokens of earlier chunks.
+  request's own tokens of earlier chunks, one piece per chunk, joined once by the final chunk (a
+  running concatenation would copy O(n²) rows over a long chunked prefill).
 - ``build_observation``: per layer and request, keys/values = the tokens the layer holds for the
   request (held prefix + the new chunk, compacted, in position order), window queries = the last
   ``w = min(window, own tokens)`` queries (post-RoPE, as the backend receives them), LaProx's
   ``o_proj`` weight read from the model's layer. Query-agnostic scorers (recency, KVzip gates)
   score only the own segment (their scores do not depend on other tokens; the cached prefix has no
-  hidden states here).
+  hidden states here). Tensors keep their dtypes: the scorers upcast what they read, chunk by
+  chunk (``core/scorers``), so no float32 copy of the keys, values, hidden states or ``o_proj``
+  weight (64 MiB per layer for Llama-3.1-8B) is made here.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ class ExtendEntry:
 class ChunkStash:
     upto: int  # sequence length covered so far
     queries: List[Optional[torch.Tensor]] = field(default_factory=list)  # per layer [qh, <=w, d]
-    hidden: List[Optional[torch.Tensor]] = field(default_factory=list)  # per layer [own rows so far, hidden]
+    # per layer, one [rows, hidden] piece per earlier chunk (own rows so far, in order)
+    hidden: List[Optional[List[torch.Tensor]]] = field(default_factory=list)
 
 
 STASH_ATTR = "_depthkv_chunk_stash"
@@ -100,8 +104,16 @@ def clear_stash(entry: ExtendEntry) -> None:
         delattr(entry.req, STASH_ATTR)
 
 
-def _cat(prev: Optional[torch.Tensor], new: torch.Tensor, dim: int) -> torch.Tensor:
-    return new if prev is None else torch.cat([prev, new], dim=dim)
+def _window_tail(prev: Optional[torch.Tensor], q_req: torch.Tensor, w: int) -> torch.Tensor:
+    """The last ``w`` queries of ``prev`` (``[qh, <=w, d]``) followed by ``q_req`` (``[qh, m, d]``):
+    only the chunk's last ``w`` queries are joined, so a chunk costs O(w), not O(m)."""
+    tail = q_req[:, -w:, :]
+    return tail if prev is None else torch.cat([prev, tail], dim=1)[:, -w:, :]
+
+
+def _join_rows(pieces: Optional[List[torch.Tensor]], last: torch.Tensor) -> torch.Tensor:
+    """``pieces`` then ``last`` along rows, in one concatenation (``last`` itself when alone)."""
+    return last if not pieces else torch.cat([*pieces, last], dim=0)
 
 
 def window_size(window: int, own_tokens: int) -> int:
@@ -112,11 +124,14 @@ def window_size(window: int, own_tokens: int) -> int:
 
 def stash_chunk(st: ChunkStash, local_layer: int, q_req: torch.Tensor, h_req: Optional[torch.Tensor],
                 window: int) -> None:
-    """Record a non-final chunk at one layer: q_req [qh, m, d], h_req [m, hidden] or None."""
+    """Record a non-final chunk at one layer: q_req [qh, m, d], h_req [m, hidden] or None. Copies
+    at most ``w`` queries and the chunk's own ``m`` hidden rows (kept as a piece, never re-copied:
+    O(n) over the prefill)."""
     w = max(int(window), 1)
-    st.queries[local_layer] = _cat(st.queries[local_layer], q_req, 1)[:, -w:, :].detach().clone()
+    st.queries[local_layer] = _window_tail(st.queries[local_layer], q_req, w).detach().clone()
     if h_req is not None:
-        st.hidden[local_layer] = _cat(st.hidden[local_layer], h_req, 0).detach().clone()
+        pieces = st.hidden[local_layer]
+        st.hidden[local_layer] = [*(pieces or ()), h_req.detach().clone()]
 
 
 def build_observation(layer: int, local_layer: int, entry: ExtendEntry, st: ChunkStash, kpos: torch.Tensor,
@@ -125,10 +140,12 @@ def build_observation(layer: int, local_layer: int, entry: ExtendEntry, st: Chun
                       own_only: bool) -> tuple:
     """``(LayerObservation, own_columns)``: ``own_columns`` selects, from the observation's tokens,
     the request's own positions ``[own_lo, seq_len)`` in order. keys/values ``[kvh, n_held, d]`` at
-    held positions ``kpos``; q_req ``[qh, m, d]`` (this chunk)."""
+    held positions ``kpos``; q_req ``[qh, m, d]`` (this chunk). Copies at most ``2w`` queries and,
+    for hidden states, the stashed pieces plus this chunk's rows once (O(n)); keys, values, hidden
+    states and the ``o_proj`` weight keep their dtypes (no float32 copies)."""
     m_own = entry.seq_len - entry.own_lo
     w = window_size(window, m_own)
-    queries = _cat(st.queries[local_layer], q_req, 1)[:, -w:, :]
+    queries = _window_tail(st.queries[local_layer], q_req, w)
     if queries.shape[1] != w:
         raise RuntimeError(f"layer {layer}, request {entry.rid}: {queries.shape[1]} window queries, expected {w}")
     # every own token is held before pruning, and kpos ascends: the own tokens are the last m_own
@@ -140,7 +157,7 @@ def build_observation(layer: int, local_layer: int, entry: ExtendEntry, st: Chun
         raise RuntimeError(f"layer {layer}, request {entry.rid}: an own token holds no slot before pruning")
     hidden = None
     if h_req is not None:
-        hidden = _cat(st.hidden[local_layer], h_req, 0)
+        hidden = _join_rows(st.hidden[local_layer], h_req)
     if own_only:
         keys, values = keys[:, n_held - m_own:], values[:, n_held - m_own:]
         own_cols = torch.arange(m_own, device=kpos.device)
@@ -156,9 +173,7 @@ def build_observation(layer: int, local_layer: int, entry: ExtendEntry, st: Chun
         if hidden is not None and hidden.shape[0] != keys.shape[1]:
             raise RuntimeError(f"layer {layer}, request {entry.rid}: hidden states of a cached prefix are not "
                                "available to a scorer that reads all tokens")
-    obs = LayerObservation(layer=layer, keys=keys.float(), values=values.float(), window_queries=queries.float(),
-                           scaling=float(scaling),
-                           o_proj_weight=None if o_proj_weight is None else o_proj_weight.float(),
-                           hidden_states=None if hidden is None else hidden.float())
+    obs = LayerObservation(layer=layer, keys=keys, values=values, window_queries=queries, scaling=float(scaling),
+                           o_proj_weight=o_proj_weight, hidden_states=hidden)
     obs.check()
     return obs, own_cols

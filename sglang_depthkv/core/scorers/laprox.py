@@ -11,6 +11,12 @@ No pooling. ``c`` estimates how much token t moves the layer's output, so scores
 across heads and layers (the global top-k allocator relies on that). float32 throughout; the norm
 is computed through the per-head Gram matrix ``W_hᵀ W_h`` ([d, d]) so the cost does not grow
 with n · hidden.
+
+Memory: ``a`` comes from ``window_attention_mean`` (no ``[q_heads, w, n]`` probabilities); the
+norms are computed per kv group and per chunk of ``CHUNK`` tokens (``window_attention.CHUNK``),
+from ``W_o`` as given (bf16 in serving), upcast one group's columns at a time. Apart from the
+``[q_heads, n]`` results, no tensor exceeds ``max(group·CHUNK·d, hidden·group·d)`` floats besides
+the window attention's own bound.
 """
 
 from __future__ import annotations
@@ -19,18 +25,33 @@ import torch
 
 from ..types import LayerObservation
 from .base import Scorer
-from .window_attention import check_query_observation, window_attention
+from .window_attention import check_query_observation, token_chunks, window_attention_mean
+
+
+def _group_grams(o_proj_weight: torch.Tensor, g: int, group: int, d: int) -> torch.Tensor:
+    """``[d, group·d]`` float32: the Gram matrices ``W_hᵀ W_h`` of kv group ``g``'s query heads side by
+    side (column block ``r`` is head ``g·group + r``). Upcasts only the group's ``[hidden, group·d]``
+    columns of ``W_o``: at most hidden·group·d floats."""
+    cols = o_proj_weight[:, g * group * d:(g + 1) * group * d].to(torch.float32)
+    w = cols.reshape(cols.shape[0], group, d).transpose(0, 1)  # [group, hidden, d]
+    gram = torch.matmul(w.transpose(1, 2), w)  # [group, d, d]
+    return gram.transpose(0, 1).reshape(d, group * d)
 
 
 def output_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, num_q_heads: int) -> torch.Tensor:
-    """``[q_heads, n]``: ||v[g(h), t] · W_o[:, h·d:(h+1)·d]ᵀ||₂ in float32."""
-    v = values.to(torch.float32)
-    kvh, n, d = v.shape
-    w = o_proj_weight.to(torch.float32).reshape(o_proj_weight.shape[0], num_q_heads, d).transpose(0, 1)  # [qh, hid, d]
-    gram = torch.matmul(w.transpose(1, 2), w)  # [qh, d, d]
-    v_per_q = v.repeat_interleave(num_q_heads // kvh, dim=0)  # [qh, n, d]
-    sq = (torch.matmul(v_per_q, gram) * v_per_q).sum(dim=-1)  # [qh, n]
-    return sq.clamp_min(0.0).sqrt()
+    """``[q_heads, n]``: ||v[g(h), t] · W_o[:, h·d:(h+1)·d]ᵀ||₂ in float32, as
+    ``sqrt(v Gram_h vᵀ)``, per kv group and chunk of ``CHUNK`` tokens (no repeated values): apart
+    from the result, at most ``max(group·CHUNK·d, hidden·group·d)`` floats."""
+    kvh, n, d = values.shape
+    group = num_q_heads // kvh
+    out = torch.empty(kvh, group, n, dtype=torch.float32, device=values.device)
+    for g in range(kvh):
+        gram = _group_grams(o_proj_weight, g, group, d)
+        for lo, hi in token_chunks(n):
+            v = values[g, lo:hi].to(torch.float32)  # [c, d]
+            proj = torch.matmul(v, gram).view(hi - lo, group, d)  # row t, block r: v[t] Gram_r
+            out[g, :, lo:hi] = (proj * v.unsqueeze(1)).sum(dim=-1).T
+    return out.view(num_q_heads, n).clamp_min(0.0).sqrt()
 
 
 class LaProxScorer(Scorer):
@@ -45,7 +66,7 @@ class LaProxScorer(Scorer):
         if obs.o_proj_weight.dim() != 2 or not obs.o_proj_weight.is_floating_point():
             raise ValueError(f"LaProxScorer: layer {obs.layer}: o_proj_weight must be a 2-D float tensor, got "
                              f"{tuple(obs.o_proj_weight.shape)} {obs.o_proj_weight.dtype}")
-        attn = window_attention(obs).mean(dim=1)  # [qh, n]
+        attn = window_attention_mean(obs)  # [qh, n]
         contrib = attn * output_norms(obs.values, obs.o_proj_weight, obs.num_q_heads)  # [qh, n]
         kvh, n = obs.num_kv_heads, obs.num_tokens
         return contrib.reshape(kvh, obs.num_q_heads // kvh, n).sum(dim=1).contiguous()

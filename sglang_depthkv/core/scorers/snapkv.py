@@ -13,6 +13,10 @@ with ``count_include_pad=True`` (edge positions divided by the full kernel) and 
 own tokens ``max + 1``; we pool over all ``n`` tokens with ``count_include_pad=False`` (the window
 is protected by ``selection.protect`` instead). The causal rule inside the window and the
 ``head_dim ** -0.5`` scaling are the same, so interior positions agree exactly.
+
+Memory: apart from the ``[q_heads, n]`` window means and ``[kv_heads, n]`` scores, the bound of
+``window_attention_mean`` (chunks of ``window_attention.CHUNK`` keys): at most
+``max(q_heads·w·CHUNK, kv_heads·CHUNK·head_dim, q_heads·w·head_dim)`` floats.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 
 from ..types import LayerObservation
 from .base import Scorer
-from .window_attention import check_query_observation, window_attention
+from .window_attention import check_query_observation, window_attention_mean
 
 
 class SnapKVScorer(Scorer):
@@ -36,8 +40,7 @@ class SnapKVScorer(Scorer):
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         check_query_observation(obs, "SnapKVScorer")
-        probs = window_attention(obs)  # [qh, w, n]
-        per_head = probs.mean(dim=1)  # [qh, n]
+        per_head = window_attention_mean(obs)  # [qh, n]: the window mean, without [qh, w, n] probabilities
         kvh, n = obs.num_kv_heads, obs.num_tokens
         per_kv = per_head.reshape(kvh, obs.num_q_heads // kvh, n).sum(dim=1)  # [kvh, n]
         if self.pool_kernel == 1:

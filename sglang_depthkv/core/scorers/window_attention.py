@@ -6,16 +6,32 @@ For an observation with ``n`` keys and ``w`` window queries (the queries of posi
     p[h, i, t] = softmax_t(scaling · q[h, i] · k[g, t])   over keys t <= n - w + i  (causal),
     p[h, i, t] = 0                                         for t > n - w + i.
 
-Computed in float32 whatever the input dtype (bf16/fp16 inputs are upcast first).
+Computed in float32 whatever the input dtype (bf16/fp16 inputs are upcast chunk by chunk).
+
+Memory: the keys are read in chunks of ``CHUNK`` tokens and each kv head's keys meet the queries
+of its whole group at once (no repeated keys), with an exact two-pass softmax (pass 1: per-row max
+and sum of exponentials over the chunks, rescaled as the max grows; pass 2: normalised
+probabilities chunk by chunk). Apart from the result, no tensor exceeds
+``max(q_heads·w·CHUNK, kv_heads·CHUNK·head_dim, q_heads·w·head_dim)`` floats.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Iterator, Tuple
 
 import torch
 
 from ..types import LayerObservation
+
+CHUNK = 16384  # tokens per chunk of keys/values in the scorers (bounds their transients)
+
+
+def token_chunks(n: int) -> Iterator[Tuple[int, int]]:
+    """``(lo, hi)`` ranges of at most ``CHUNK`` tokens covering ``0 .. n``."""
+    step = max(int(CHUNK), 1)
+    for lo in range(0, n, step):
+        yield lo, min(lo + step, n)
 
 
 def check_query_observation(obs: LayerObservation, who: str) -> None:
@@ -34,16 +50,69 @@ def check_query_observation(obs: LayerObservation, who: str) -> None:
         raise ValueError(f"{who}: layer {obs.layer}: scaling must be finite and > 0, got {obs.scaling}")
 
 
-def window_attention(obs: LayerObservation) -> torch.Tensor:
-    """Causal window attention probabilities ``[q_heads, w, n]`` (float32); see the module docstring."""
+def _grouped_queries(obs: LayerObservation) -> torch.Tensor:
+    """``[kv_heads, group·w, d]`` float32: the window queries of each kv head's group (query head
+    ``h`` is row block ``h % group`` of kv head ``h // group``). At most q_heads·w·d floats."""
     q = obs.window_queries.to(torch.float32)
-    k = obs.keys.to(torch.float32)
-    qh, w, _ = q.shape
-    kvh, n, _ = k.shape
-    group = qh // kvh
-    k_per_q = k.repeat_interleave(group, dim=0)  # [qh, n, d]: query head h uses kv head h // group
-    logits = torch.matmul(q, k_per_q.transpose(1, 2)) * float(obs.scaling)  # [qh, w, n]
-    query_pos = torch.arange(n - w, n, device=logits.device).unsqueeze(1)  # [w, 1]
-    future = torch.arange(n, device=logits.device).unsqueeze(0) > query_pos  # [w, n], on the logits' device
-    logits = logits.masked_fill(future, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    return q.reshape(obs.num_kv_heads, -1, q.shape[2])
+
+
+def _chunk_logits(obs: LayerObservation, qg: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``[kv_heads, group·w, hi-lo]`` float32 scaled logits against keys ``lo .. hi-1``, keys in the
+    future of a window query at ``-inf``. At most q_heads·w·CHUNK floats (plus kv_heads·CHUNK·d for
+    the upcast keys)."""
+    n, w = obs.num_tokens, obs.window
+    k = obs.keys[:, lo:hi].to(torch.float32)  # [kvh, c, d]
+    logits = torch.matmul(qg, k.transpose(1, 2)).mul_(float(obs.scaling))
+    dev = logits.device
+    query_pos = torch.arange(n - w, n, device=dev).unsqueeze(1)  # [w, 1]
+    future = torch.arange(lo, hi, device=dev).unsqueeze(0) > query_pos  # [w, c]
+    logits.view(obs.num_kv_heads, -1, w, hi - lo).masked_fill_(future, float("-inf"))
+    return logits
+
+
+def _softmax_stats(obs: LayerObservation, qg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Pass 1: per-row max ``m`` and ``sum_t exp(logit - m)`` (``[kv_heads, group·w, 1]`` each).
+    Chunk 0 holds key 0, which every window query sees, so ``m`` is finite after it."""
+    m = s = None
+    for lo, hi in token_chunks(obs.num_tokens):
+        logits = _chunk_logits(obs, qg, lo, hi)
+        cm = logits.amax(dim=-1, keepdim=True)
+        if m is None:
+            m, s = cm, logits.sub_(cm).exp_().sum(dim=-1, keepdim=True)
+            continue
+        new_m = torch.maximum(m, cm)
+        s = s * torch.exp(m - new_m) + logits.sub_(new_m).exp_().sum(dim=-1, keepdim=True)
+        m = new_m
+    return m, s
+
+
+def _chunk_probs(obs: LayerObservation, qg: torch.Tensor, stats, lo: int, hi: int) -> torch.Tensor:
+    """Pass 2: ``[q_heads, w, hi-lo]`` probabilities of keys ``lo .. hi-1`` (in place on the logits)."""
+    m, s = stats
+    p = _chunk_logits(obs, qg, lo, hi).sub_(m).exp_().div_(s)
+    return p.view(obs.num_q_heads, obs.window, hi - lo)
+
+
+def window_attention(obs: LayerObservation) -> torch.Tensor:
+    """Causal window attention probabilities ``[q_heads, w, n]`` (float32); see the module docstring.
+
+    The result itself is q_heads·w·n floats (1 GiB at n = 128k, w = 64, 32 heads); scorers that only
+    need the mean over the window use ``window_attention_mean``. Other transients as the module."""
+    qg = _grouped_queries(obs)
+    stats = _softmax_stats(obs, qg)
+    out = torch.empty(obs.num_q_heads, obs.window, obs.num_tokens, dtype=torch.float32, device=qg.device)
+    for lo, hi in token_chunks(obs.num_tokens):
+        out[:, :, lo:hi] = _chunk_probs(obs, qg, stats, lo, hi)
+    return out
+
+
+def window_attention_mean(obs: LayerObservation) -> torch.Tensor:
+    """``[q_heads, n]`` float32: ``window_attention(obs).mean(dim=1)`` without the ``[q_heads, w, n]``
+    probabilities. Result q_heads·n floats; other transients as the module docstring."""
+    qg = _grouped_queries(obs)
+    stats = _softmax_stats(obs, qg)
+    out = torch.empty(obs.num_q_heads, obs.num_tokens, dtype=torch.float32, device=qg.device)
+    for lo, hi in token_chunks(obs.num_tokens):
+        out[:, lo:hi] = _chunk_probs(obs, qg, stats, lo, hi).mean(dim=1)
+    return out
