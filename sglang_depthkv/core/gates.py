@@ -121,8 +121,30 @@ class KVzipGates:
         if self.weight.device != obs.keys.device:
             raise ValueError(f"gates on {self.weight.device}, observation on {obs.keys.device}: move them once "
                              "with KVzipGates.to(device)")
-        x = gate_features(self.spec, obs.keys, obs.hidden_states)  # [kvh, n, F]
-        return torch.einsum("gnf,gf->gn", x, self.weight[obs.layer]) + self.bias[obs.layer][:, None]
+        return self._chunked_logits(obs.layer, obs.keys, obs.hidden_states) + self.bias[obs.layer][:, None]
+
+    def _chunked_logits(self, layer: int, keys: torch.Tensor, hidden: Optional[torch.Tensor]) -> torch.Tensor:
+        """``w · gate_features`` without building the ``[kvh, n, F]`` features: the key part and the
+        hidden part are applied separately, over chunks of ``CHUNK`` tokens (transient per chunk:
+        ``kvh * CHUNK * head_dim + CHUNK * hidden`` floats)."""
+        from .scorers.window_attention import token_chunks
+
+        spec, w = self.spec, self.weight[layer]
+        kvh, n = keys.shape[0], keys.shape[1]
+        gate_features(spec, keys[:, :0], None if hidden is None else hidden[:0])  # shape checks only
+        if spec.use_hidden and hidden.shape[0] != n:
+            raise ValueError(f"hidden states {tuple(hidden.shape)}, expected ({n}, {spec.hidden_size})")
+        out = torch.empty((kvh, n), dtype=torch.float32, device=keys.device)
+        for lo, hi in token_chunks(n):
+            acc = torch.zeros((kvh, hi - lo), dtype=torch.float32, device=keys.device)
+            off = 0
+            if spec.use_key:
+                acc += torch.einsum("gnd,gd->gn", _unit(keys[:, lo:hi].float()), w[:, :spec.head_dim])
+                off = spec.head_dim
+            if spec.use_hidden:
+                acc += (_unit(hidden[lo:hi].float()) @ w[:, off:off + spec.hidden_size].t()).t()
+            out[:, lo:hi] = acc
+        return out
 
     def scores(self, obs: LayerObservation) -> torch.Tensor:
         """Keep scores ``[kvh, n]`` in [0, 1], float32."""

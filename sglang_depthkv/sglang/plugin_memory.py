@@ -9,11 +9,14 @@ decode batch, ``T`` the context length, ``w`` the window, ``I`` the decode inter
   indptr, ``L * B`` held counts, ``L * B`` split counts (int32), ``L * B`` write slots (int64);
 - the decode ring (decode CUDA graphs with ``--kv-decode-interval``): ``L * (B*w + B) * qh * d``
   query-dtype elements, plus ``L * (B*(I+w) + B) * hidden`` for gates with hidden states;
-- end-of-prefill scoring, one request and one layer at a time, at ``n = T`` held tokens: the held
-  positions and slots (``n * 24``), keys and values gathered in the KV dtype and in float32
-  (``2 * kvh * n * d * (kv_bytes + 4)``), the window softmax and probabilities
-  (``2 * qh * w * n * 4``), the per-layer held-count read (``L * n * 5``) and the own-token scores
-  of every layer kept until the last layer (``L * (T + P) * 4``, ``P`` the prefill chunk: one chunked
+- end-of-prefill scoring, one request and one layer at a time, at ``n = T`` held tokens, the
+  scorers working over chunks of ``c = min(CHUNK, n)`` keys (``core/scorers/window_attention.py``):
+  the held positions and slots (``56 n``), keys and values gathered in the KV dtype
+  (``2 * kvh * n * d * kv_bytes``), one chunk of window logits (``2 * qh * w * c * 4 +
+  kvh * c * d * 4``), per-head scores (``(4 qh + 2 kvh) * n * 4``), LaProx's per-group norms
+  (``group * c * d * 4 + hidden * group * d * 4``) or one chunk of gate features
+  (``c * hidden * 4``), the per-layer held-count read (``L * n * 5``) and the own-token scores of
+  every layer kept until the last layer (``L * (T + P) * 4``, ``P`` the prefill chunk: one chunked
   request plus whole prompts inside one chunk);
 - KVzip gates with hidden states: the attention inputs of the chunks of a chunked prompt kept until
   its final chunk (``L * T * hidden * act_bytes``) and of the current batch (``L * P * hidden *
@@ -69,8 +72,17 @@ def graph_items(s: PluginShapes, max_capacity: int) -> Items:
 def scoring_items(s: PluginShapes) -> Items:
     if not s.scores:
         return ()
+    from sglang_depthkv.core.scorers.window_attention import CHUNK
+
     n, L, w = s.context_len, s.num_layers, max(1, s.window)
-    one_layer = n * 24 + 2 * s.kv_heads * n * s.head_dim * (s.kv_bytes + 4) + 2 * s.q_heads * w * n * 4
+    c = min(int(CHUNK), n)
+    group = s.q_heads // s.kv_heads
+    one_layer = (n * 56  # held positions / slots (int64 working set)
+                 + 2 * s.kv_heads * n * s.head_dim * s.kv_bytes  # held K, V gathered
+                 + 2 * s.q_heads * w * c * 4 + s.kv_heads * c * s.head_dim * 4  # one chunk of window logits
+                 + 4 * s.q_heads * n * 4 + 2 * s.kv_heads * n * 4  # per-head / per-kv-head scores
+                 + group * c * s.head_dim * 4 + s.hidden_size * group * s.head_dim * 4  # LaProx norms
+                 + c * s.hidden_size * 4)  # gate features of one chunk
     items = [("prefill scoring", one_layer + L * n * 5 + L * (n + s.prefill_chunk) * 4)]
     if s.gate_hidden:
         items.append(("gate hidden states", L * (n + s.prefill_chunk) * s.hidden_size * s.act_bytes))

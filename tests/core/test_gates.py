@@ -199,3 +199,30 @@ def test_kvzip_policy_runs_on_reference_path(llama):
     assert sum(k.numel() for k in keep) == sum(policy.keep_counts(80, rm.num_layers, policy.layer_scores(pf.observations)))
     res = rm.run_policy(pf, policy, 4)
     assert res.tokens.shape == (4,) and torch.isfinite(res.logits).all()
+
+
+@pytest.mark.parametrize("use_key,use_hidden", [(True, True), (True, False), (False, True)])
+def test_gate_scores_over_chunks_equal_the_float64_feature_formula(monkeypatch, use_key, use_hidden):
+    """``KVzipGates.scores`` applies the key and hidden parts chunk by chunk (no [kvh, n, F] features):
+    equal to sigmoid(w · [k/|k|, h/|h|] + b) in float64, with chunks of 7 tokens over 30."""
+    import sglang_depthkv.core.scorers.window_attention as WA
+
+    monkeypatch.setattr(WA, "CHUNK", 7)
+    ident = ModelIdentity(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_size=16)
+    spec = G.FeatureSpec(use_key=use_key, use_hidden=use_hidden, head_dim=8, hidden_size=16)
+    gen = torch.Generator().manual_seed(3)
+    gates = G.KVzipGates(ident, spec, torch.randn(2, 2, spec.dim, generator=gen), torch.randn(2, 2, generator=gen))
+    keys = torch.randn(2, 30, 8, generator=gen).to(torch.bfloat16)
+    hid = torch.randn(30, 16, generator=gen).to(torch.bfloat16)
+    parts = []
+    if use_key:
+        k = keys.double()
+        parts.append(k / k.norm(dim=-1, keepdim=True))
+    if use_hidden:
+        h = hid.double()
+        parts.append((h / h.norm(dim=-1, keepdim=True))[None].expand(2, 30, 16))
+    x = torch.cat(parts, dim=-1)
+    want = torch.sigmoid(torch.einsum("gnf,gf->gn", x, gates.weight[1].double()) + gates.bias[1, :, None].double())
+    got = gates.scores(_obs(1, keys, hid if use_hidden else None))
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, atol=1e-6)
