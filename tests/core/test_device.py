@@ -17,11 +17,16 @@ CPU runs assert that outputs stay on CPU, with values against float64 formulas w
 
 import math
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from device_modes import OneDevice  # noqa: E402
 from sglang_depthkv.core import selection
 from sglang_depthkv.core.budgets import DepthKVAllocator, GlobalTopKAllocator, PyramidAllocator, UniformAllocator
 from sglang_depthkv.core.budgets import global_topk
@@ -41,19 +46,6 @@ L, KVH, QH, N, D, W, HID = 3, 2, 4, 40, 8, 6, 16
 SINKS = 2
 META = torch.device("meta")
 IDENT = ModelIdentity(num_layers=L, num_attention_heads=QH, num_key_value_heads=KVH, head_dim=D, hidden_size=HID)
-
-
-class OneDevice(TorchDispatchMode):
-    """Refuses an op whose tensor arguments are on more than one device (a 0-dim CPU tensor is a
-    scalar to torch and allowed)."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        flat, _ = tree_flatten((args, kwargs or {}))
-        scalar = lambda t: t.dim() == 0 and t.device.type == "cpu"
-        devices = {t.device for t in flat if isinstance(t, torch.Tensor) and not scalar(t)}
-        if len(devices) > 1:
-            raise RuntimeError(f"{func} mixes devices {sorted(map(str, devices))}")
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture
