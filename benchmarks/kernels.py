@@ -1,11 +1,11 @@
-"""GPU benchmark of the ragged per-layer KV kernels.
+"""GPU benchmark of the ragged per-layer KV kernels and of one layer's token scoring.
 
 Prints, per kernel and per length (default 4k..128k tokens) x 32 layers x 8 kv heads x 128 dim
 (bf16): median time (``triton.testing.do_bench``), achieved GB/s or TFLOP/s, and the fraction of
 the device peak measured in the same run (device-to-device copy bandwidth via ``Tensor.copy_``;
-for window scores, the time of one layer's full causal prefill attention of the same length via
-torch SDPA). Goals: index building >= 80% of copy bandwidth at >= 32k tokens; window scores <= 5%
-of the full prefill attention. (Pruning itself has no kernel: the per-layer pool frees a pruned
+for scoring, the time of one layer's full causal prefill attention of the same length via torch
+SDPA). Goals: index building >= 80% of copy bandwidth at >= 32k tokens; one layer's SnapKV / LaProx
+scores (the chunked torch scorers the serving path runs) <= 5% of the full prefill attention. (Pruning itself has no kernel: the per-layer pool frees a pruned
 token's slot in place, so there is no compaction pass to measure.)
 
     python benchmarks/kernels.py --out benchmarks/results/kernels-<device>.md --json ...json
@@ -37,7 +37,7 @@ class BenchRow:
 
 def goal_check(kernel: str, tokens: int, fraction: float):
     """(goal text, met?) for a row; the bandwidth goal applies from 32k tokens on."""
-    if kernel.startswith("window_scores"):
+    if kernel.endswith("scores (1 layer)"):
         return "<= 0.05", fraction <= 0.05
     if tokens >= 32768:
         return ">= 0.80", fraction >= 0.80
@@ -81,11 +81,11 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--q-heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--window", type=int, default=32, help="observation window (queries) for window scores")
+    p.add_argument("--window", type=int, default=32, help="observation window (queries) for the scorers")
     p.add_argument("--keep", type=float, default=0.5, help="fraction of tokens kept per layer")
     p.add_argument("--out", default=None, help="write the markdown table here")
     p.add_argument("--json", default=None, help="write the rows as JSON here")
-    p.add_argument("--kernels", default="index_streams,window_scores,window_scores_laprox")
+    p.add_argument("--kernels", default="index_streams,snapkv_scores,laprox_scores")
     return p.parse_args(argv)
 
 
@@ -120,7 +120,10 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA device", file=sys.stderr)
         return 2
-    from sglang_depthkv.kernels import build_kv_indices, value_output_norms, window_scores
+    from sglang_depthkv.core.scorers.laprox import LaProxScorer
+    from sglang_depthkv.core.scorers.snapkv import SnapKVScorer
+    from sglang_depthkv.core.types import LayerObservation
+    from sglang_depthkv.kernels import build_kv_indices
 
     dev = torch.device("cuda")
     name = torch.cuda.get_device_name(0)
@@ -148,40 +151,27 @@ def run(args) -> int:
                 nbytes = L * (n * 4 * 2 + k * 4) * (1 if kl is not None else 2)
                 gbps = nbytes / (ms * 1e-3) / 1e9
                 rows.append(make_row(f"index_streams ({mode})", n, ms, gbps, "GB/s", gbps / copy_gbps, "copy bandwidth"))
-        if "window_scores" in kernels or "window_scores_laprox" in kernels:
-            kb = torch.randn((n + 1, H, D), device=dev, dtype=torch.bfloat16)
-            vb = torch.randn((n + 1, H, D), device=dev, dtype=torch.bfloat16)
-            idx = torch.arange(1, n + 1, dtype=torch.int32, device=dev)
-            kvp = torch.tensor([0, n], dtype=torch.int32, device=dev)
-            q = torch.randn((W, QH, D), device=dev, dtype=torch.bfloat16)
-            qp = torch.tensor([0, W], dtype=torch.int32, device=dev)
-            out = torch.empty((H, n), dtype=torch.float32, device=dev)
+        if "snapkv_scores" in kernels or "laprox_scores" in kernels:
+            keys = torch.randn((H, n, D), device=dev, dtype=torch.bfloat16)
+            values = torch.randn((H, n, D), device=dev, dtype=torch.bfloat16)
+            q = torch.randn((QH, W, D), device=dev, dtype=torch.bfloat16)
+            w_o = torch.randn((QH * D, QH * D), device=dev, dtype=torch.bfloat16) * 0.02
+            obs = LayerObservation(layer=0, keys=keys, values=values, window_queries=q, scaling=D ** -0.5,
+                                   o_proj_weight=w_o)
             qf = torch.randn((1, QH, n, D), device=dev, dtype=torch.bfloat16)
-            kf = kb[1:].transpose(0, 1)[None].repeat_interleave(QH // H, dim=1).contiguous()
-            vf = vb[1:].transpose(0, 1)[None].repeat_interleave(QH // H, dim=1).contiguous()
+            kf = keys[None].repeat_interleave(QH // H, dim=1)
+            vf = values[None].repeat_interleave(QH // H, dim=1)
             sdpa = torch.nn.functional.scaled_dot_product_attention
             prefill_ms = _bench(lambda: sdpa(qf, kf, vf, is_causal=True))
             del qf, kf, vf
             flops = 2 * 2 * W * QH * n * D
-            if "window_scores" in kernels:
-                ms = _bench(lambda: window_scores(q, qp, kb, idx, kvp, scaling=D ** -0.5, max_kv_len=n, max_window=W,
-                                                  out=out, validate=False))
-                rows.append(make_row("window_scores (1 layer)", n, ms, flops / (ms * 1e-3) / 1e12, "TFLOP/s",
-                                     ms / prefill_ms, "prefill attention time"))
-            if "window_scores_laprox" in kernels:
-                w_o = torch.randn((QH * D, QH * D), device=dev, dtype=torch.bfloat16) * 0.02
-                norms = torch.empty((QH, n), dtype=torch.float32, device=dev)
-
-                def fn():
-                    value_output_norms(vb, idx, w_o, num_q_heads=QH, out=norms, validate=False)
-                    window_scores(q, qp, kb, idx, kvp, scaling=D ** -0.5, max_kv_len=n, max_window=W,
-                                  head_weights=norms, out=out, validate=False)
-
-                ms = _bench(fn)
-                lflops = flops + 2 * n * QH * D * D
-                rows.append(make_row("window_scores_laprox (1 layer)", n, ms, lflops / (ms * 1e-3) / 1e12, "TFLOP/s",
-                                     ms / prefill_ms, "prefill attention time"))
-            del kb, vb
+            for name, scorer, extra in (("snapkv_scores", SnapKVScorer(), 0),
+                                        ("laprox_scores", LaProxScorer(), 2 * n * QH * D * D)):
+                if name in kernels:
+                    ms = _bench(lambda scorer=scorer: scorer.score(obs))
+                    rows.append(make_row(f"{name} (1 layer)", n, ms, (flops + extra) / (ms * 1e-3) / 1e12, "TFLOP/s",
+                                         ms / prefill_ms, "prefill attention time"))
+            del keys, values
         torch.cuda.empty_cache()
         for r in rows:
             if r.tokens == n:

@@ -13,12 +13,13 @@ API (details in each docstring):
   out_indptr, out_indices, kept_lens_out, capacity)``: per-layer (or per-group) FlashInfer /
   Triton-backend ``kv_indptr [G, bs+1]`` / ``kv_indices [G, cap]`` (int32), skipping pruned tokens.
   Host-known ``kept_lens`` -> one launch; ``None`` -> counted on device (two launches).
-- ``window_scores(q [total_w, qh, d], q_indptr, k_buffer [slots, kvh, d], kv_indices, kv_indptr, *,
-  scaling, max_kv_len, max_window, head_weights=None, out=None)`` -> float32 ``[kvh, len(kv_indices)]``:
-  causal window softmax mass averaged over window queries, summed over each GQA group (SnapKV before
-  pooling); with ``head_weights = value_output_norms(v_buffer, kv_indices, o_proj_weight,
-  num_q_heads=qh)`` it is the LaProx score. Split-K two-pass online softmax, O(W x heads) memory.
-- References (tests): ``index_streams_ref``, ``window_scores_ref``.
+- ``layer_kv_splits(splits [L, bs], lens [L, bs], ...)`` (``kv_splits.py``): SGLang's decode split-K
+  rule for every layer in one launch.
+- References (tests): ``index_streams_ref``, ``kv_splits.layer_kv_splits_ref``.
+
+Token scoring has no kernel: the core scorers (``core/scorers/``) run in torch over chunks of keys,
+which bounds their memory (``window_attention.CHUNK``) and keeps the serving path's scores identical
+to the reference path's.
 
 Validation: metadata (shapes, dtypes, devices, strides) is always checked; ``validate=True``
 (default) adds content checks (ids/slots/positions in range, orderings, capacities) at the cost of
@@ -26,11 +27,9 @@ one device sync. Every failure is a ``ValueError`` raised before any launch.
 """
 
 from .index_streams import build_kv_indices
-from .window_scores import output_gram, value_output_norms, window_scores
+from .kv_splits import layer_kv_splits
 
 __all__ = [
     "build_kv_indices",
-    "output_gram",
-    "value_output_norms",
-    "window_scores",
+    "layer_kv_splits",
 ]

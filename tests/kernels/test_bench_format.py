@@ -17,7 +17,7 @@ def test_table_and_json_from_made_up_timings():
     rows = [
         bench.make_row("index_streams (device lens)", 65536, 0.5, 2400.0, "GB/s", 0.8, "copy bandwidth"),
         bench.make_row("index_streams (host lens)", 4096, 0.01, 100.0, "GB/s", 0.03, "copy bandwidth"),
-        bench.make_row("window_scores (1 layer)", 131072, 1.0, 50.0, "TFLOP/s", 0.07, "prefill attention time"),
+        bench.make_row("snapkv_scores (1 layer)", 131072, 1.0, 50.0, "TFLOP/s", 0.07, "prefill attention time"),
     ]
     assert [r.meets_goal for r in rows] == [True, None, False]
     table = bench.format_table(rows, "Fake GPU", 3000.0, {"layers": 32})

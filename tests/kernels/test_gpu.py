@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from kv_scenarios import held_mapping, make_batch
-from sglang_depthkv.kernels import build_kv_indices, value_output_norms, window_scores
+from sglang_depthkv.kernels import build_kv_indices
 from sglang_depthkv.kernels.index_streams_ref import build_kv_indices_ref
-from sglang_depthkv.kernels.window_scores_ref import value_output_norms_ref, window_scores_ref
 
 pytestmark = pytest.mark.gpu
 CUDA = "cuda"
@@ -32,28 +31,6 @@ def test_gpu_index_streams():
         assert torch.equal(indptr_o.long().cpu(), ref_indptr)
         for g in range(3):
             assert torch.equal(indices_o[g, : ref_streams[g].numel()].long().cpu(), ref_streams[g])
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_window_scores(dtype):
-    gen = torch.Generator().manual_seed(52)
-    lens, windows, qh, kvh, d = [5000, 33, 9000], [32, 8, 32], 32, 8, 128
-    total = sum(lens)
-    kb = torch.randn((total + 1, kvh, d), generator=gen).to(dtype)
-    vb = torch.randn((total + 1, kvh, d), generator=gen).to(dtype)
-    idx = (torch.randperm(total, generator=gen) + 1).to(torch.int32)
-    kv_indptr = torch.tensor([0, 5000, 5033, total], dtype=torch.int32)
-    q_indptr = torch.tensor([0, 32, 40, 72], dtype=torch.int32)
-    q = torch.randn((72, qh, d), generator=gen).to(dtype)
-    w_o = (torch.randn((1024, qh * d), generator=gen) * 0.02).to(dtype)
-    ref_norms = value_output_norms_ref(vb, idx, w_o, qh)
-    ref = window_scores_ref(q, q_indptr, kb, idx, kv_indptr, d ** -0.5, head_weights=ref_norms)
-    qc, qpc, kbc, vbc, idc, kpc, woc = _cuda(q, q_indptr, kb, vb, idx, kv_indptr, w_o)
-    norms = value_output_norms(vbc, idc, woc, num_q_heads=qh)
-    torch.testing.assert_close(norms.double().cpu(), ref_norms, rtol=2e-3, atol=1e-4)
-    out = window_scores(qc, qpc, kbc, idc, kpc, scaling=d ** -0.5, max_kv_len=9000, max_window=32,
-                        head_weights=norms, split_tokens=2048)
-    torch.testing.assert_close(out.double().cpu(), ref, rtol=2e-2, atol=1e-5)
 
 
 def test_flashinfer_accepts_index_streams():
