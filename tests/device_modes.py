@@ -2,6 +2,7 @@
 than one device. On ``meta`` a CPU tensor indexed by a meta index silently returns CPU (CUDA raises),
 so meta runs of the serving code go through it to catch device mixing on CPU."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -17,3 +18,17 @@ class OneDevice(TorchDispatchMode):
         if len(devices) > 1:
             raise RuntimeError(f"{func} mixes devices {sorted(map(str, devices))}")
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def one_device():
+    with OneDevice():
+        yield
+
+
+@pytest.fixture
+def no_value_guards(monkeypatch, one_device):
+    """Meta tensors have no values: the NaN guard (which reads them) does nothing in meta runs."""
+    from sglang_depthkv.core import selection
+
+    monkeypatch.setattr(selection, "check_no_nan", lambda scores, what: None)

@@ -26,7 +26,7 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from device_modes import OneDevice  # noqa: E402
+from device_modes import OneDevice, no_value_guards, one_device  # noqa: E402,F401  (fixtures)
 from sglang_depthkv.core import selection
 from sglang_depthkv.core.budgets import DepthKVAllocator, GlobalTopKAllocator, PyramidAllocator, UniformAllocator
 from sglang_depthkv.core.budgets import global_topk
@@ -46,18 +46,6 @@ L, KVH, QH, N, D, W, HID = 3, 2, 4, 40, 8, 6, 16
 SINKS = 2
 META = torch.device("meta")
 IDENT = ModelIdentity(num_layers=L, num_attention_heads=QH, num_key_value_heads=KVH, head_dim=D, hidden_size=HID)
-
-
-@pytest.fixture
-def one_device():
-    with OneDevice():
-        yield
-
-
-@pytest.fixture
-def no_value_guards(monkeypatch, one_device):
-    """Meta tensors have no values: the NaN guard (which reads them) does nothing in meta runs."""
-    monkeypatch.setattr(selection, "check_no_nan", lambda scores, what: None)
 
 
 def observation(layer=0, n=N, device="cpu", seed=0, hidden=True):

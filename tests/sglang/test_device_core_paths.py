@@ -23,7 +23,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from device_modes import OneDevice  # noqa: E402
+from device_modes import OneDevice, no_value_guards, one_device  # noqa: E402,F401  (fixtures)
 from sglang_depthkv.core import selection
 from sglang_depthkv.core.gates import FeatureSpec, KVzipGates, save_gates
 from sglang_depthkv.core.policy import make_policy
@@ -38,18 +38,6 @@ L, KVH, QH, D, HID = 3, 2, 4, 8, 16
 SINKS, W, I = 2, 3, 4
 META = torch.device("meta")
 IDENT = ModelIdentity(num_layers=L, num_attention_heads=QH, num_key_value_heads=KVH, head_dim=D, hidden_size=HID)
-
-
-@pytest.fixture
-def one_device():
-    with OneDevice():
-        yield
-
-
-@pytest.fixture
-def no_value_guards(monkeypatch, one_device):
-    """Meta tensors have no values: the NaN guard (which reads them) does nothing in meta runs."""
-    monkeypatch.setattr(selection, "check_no_nan", lambda scores, what: None)
 
 
 def profile():

@@ -3,7 +3,9 @@ processes; ``benchmarks/hot_path/decode_step.py``): during decode forwards the i
 kernels are launched but their bodies skipped (this CPU interprets them; a GPU runs them
 asynchronously, so only their launch is host work), and the start time of every decode forward of
 a full batch is appended to ``$HOT_PATH_STEP_LOG``. Prefill forwards run their kernels (the
-plugin scores and prunes real K/V there)."""
+plugin scores and prunes real K/V there). A skipped kernel leaves its output uninitialised, so
+denormals are flushed to zero in the model's process: their CPU arithmetic penalty would otherwise
+make either side's step time depend on garbage values."""
 
 import importlib.abc
 import importlib.util
@@ -16,6 +18,9 @@ _state = {"decode": False}
 
 
 def _patch_runner(module):
+    import torch
+
+    torch.set_flush_denormal(True)
     cls = module.ModelRunner
     forward = cls.forward
 
