@@ -31,14 +31,21 @@ def per_layer_request_limits(max_req_len: int, layer_capacities) -> tuple:
     return length, length - 5
 
 
+REQUEST_CAP_WARNING = ("sglang-depthkv: requests are limited to {cap} tokens (the smallest layer's capacity) below "
+                       "the model's context of {ctx}; raise --kv-budget or --mem-fraction-static, or use a policy "
+                       "with a larger smallest layer")
+
+
 def get_worker_info_around(orig, self, *args, **kwargs):
     info = orig(self, *args, **kwargs)
     alloc = getattr(self.model_runner, "token_to_kv_pool_allocator", None)
     if type(alloc).__name__ != "DepthKVAllocator":  # no import of our pool code in vanilla runs
         return info
     length, input_len = per_layer_request_limits(info[MAX_REQ_LEN], alloc.layer_capacities)
-    if length < info[MAX_REQ_LEN]:
+    if length < info[MAX_REQ_LEN]:  # the smallest layer binds, not the context or the logical pool
         caps = list(alloc.layer_capacities)
+        logger.warning(REQUEST_CAP_WARNING.format(cap=length, ctx=self.model_config.context_len))
+        # the details, in the form the soak's log parser reads (benchmarks/soak_checks.py)
         logger.info("sglang-depthkv: request length capped at %d tokens (input %d) by the smallest layer "
                     "capacity %d (layer %d); the logical pool alone allowed %d", length, input_len, min(caps),
                     caps.index(min(caps)), info[MAX_REQ_LEN])

@@ -31,7 +31,8 @@ CAP_ROW_RE = re.compile(r"^\s*(?P<l>\d+)\s+(?P<f>[0-9.]+)\s+(?P<c>\d+)\s+(?P<gib
 CAP_TOTAL_RE = re.compile(
     r"total KV (?P<kv>[0-9.]+) GiB \+ metadata (?P<meta>[0-9.]+) GiB = (?P<tot>[0-9.]+) GiB; "
     r"logical capacity max_total_num_tokens=(?P<n>\d+)")
-REFUSAL_RE = re.compile(r"DepthKVConfigError: (?P<msg>[^\n]+)")
+# a refusal: the Python API's exception, or launch_server's one-line usage error (exit status 2)
+REFUSAL_RE = re.compile(r"DepthKVConfigError: (?P<msg>[^\n]+)|^error: (?P<cli>--[\w-]+: [^\n]+)", re.M)
 ERROR_LINE_RE = re.compile(r"^[^\n]*(?:Error|Exception)[^\n]*$", re.M)
 
 
@@ -148,6 +149,6 @@ def failure_reason(text: str) -> str:
     else the last error line of the log."""
     m = REFUSAL_RE.search(text)
     if m:
-        return "refused: " + m["msg"].strip()
+        return "refused: " + (m["msg"] or m["cli"]).strip()
     lines = ERROR_LINE_RE.findall(text)
     return ("failed: " + lines[-1].strip()) if lines else "failed: no error line in the server log"

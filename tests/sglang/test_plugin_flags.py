@@ -1,9 +1,15 @@
 """Flags and start-up validation: through SGLang's real CLI parser (``prepare_server_args``) and
 through ``sglang.Engine(...)`` keywords, with the plugin loaded by SGLang's own plugin loader.
-Every refusal happens while ``ServerArgs`` is built, before any subprocess is started."""
+Every refusal happens while ``ServerArgs`` is built, before any subprocess is started: on the command
+line as a usage error (one ``error: --flag: ...`` line on stderr, exit status 2, as argparse does), from
+Python as a ``DepthKVConfigError``."""
 
+import contextlib
+import io
 import json
+import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +56,22 @@ def cli(model, *flags):
     from sglang.srt.server_args import prepare_server_args
 
     return prepare_server_args(["--model-path", model, "--device", "cpu", "--skip-tokenizer-init", *flags])
+
+
+def refused(build, *args) -> DepthKVConfigError:
+    """Run a command-line build (``cli`` / ``cuda_cli``) the plugin refuses: it exits as argparse does
+    on a usage error (status 2) after writing ``error: <refusal>`` as the last stderr line (SGLang's own
+    log lines may come first, never a traceback); the refusal is the exit's ``__cause__``."""
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(err):
+        build(*args)
+    assert e.value.code == 2
+    cause = e.value.__cause__
+    assert isinstance(cause, DepthKVConfigError), repr(cause)
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert lines[-1] == f"error: {cause}", lines
+    assert not any("Traceback" in line for line in lines), lines
+    return cause
 
 
 # --- the settings on their own -------------------------------------------------------------------
@@ -165,22 +187,20 @@ def test_cli_unknown_policy_is_an_argparse_error(plugins, llama, capsys):
     ],
 )
 def test_cli_refuses(plugins, llama, flags, flag):
-    with pytest.raises(DepthKVConfigError) as e:
-        cli(llama, *flags)
-    assert str(e.value).startswith(flag + ":"), str(e.value)
+    e = refused(cli, llama, *flags)
+    assert str(e).startswith(flag + ":"), str(e)
 
 
 def test_cli_refuses_torch_compile(plugins, llama):
     """The per-layer pool swap and the scoring hooks are Python per layer: not compile-safe."""
-    with pytest.raises(DepthKVConfigError, match="^--enable-torch-compile:"):
-        cli(llama, "--kv-policy", "full", "--enable-torch-compile")
+    assert str(refused(cli, llama, "--kv-policy", "full", "--enable-torch-compile")).startswith("--enable-torch-compile:")
 
 
 def test_cli_refuses_quantized_weights_for_laprox(plugins, llama, tmp_path):
     """LaProx reads o_proj.weight as a float matrix: --quantization and quantized checkpoints are
     refused for it (and only for it)."""
-    with pytest.raises(DepthKVConfigError, match="^--quantization: 'fp8' not supported with --kv-policy laprox"):
-        cli(llama, "--kv-policy", "laprox", "--kv-budget", "0.3", "--quantization", "fp8")
+    e = refused(cli, llama, "--kv-policy", "laprox", "--kv-budget", "0.3", "--quantization", "fp8")
+    assert str(e).startswith("--quantization: 'fp8' not supported with --kv-policy laprox"), str(e)
     assert cli(llama, "--kv-policy", "snapkv", "--kv-budget", "0.3", "--quantization", "fp8")._depthkv_settings
 
     quant = tmp_path / "fp8"
@@ -191,8 +211,8 @@ def test_cli_refuses_quantized_weights_for_laprox(plugins, llama, tmp_path):
     cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
     (quant / "config.json").unlink()
     (quant / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(DepthKVConfigError, match=r"^--model-path: quantized checkpoint \(fp8\)"):
-        cli(str(quant), "--kv-policy", "laprox", "--kv-budget", "0.3")
+    e = refused(cli, str(quant), "--kv-policy", "laprox", "--kv-budget", "0.3")
+    assert str(e).startswith("--model-path: quantized checkpoint (fp8)"), str(e)
 
 
 # --- CUDA-shaped ServerArgs (built on any machine: device="cuda" resolves without a GPU) -----------
@@ -260,9 +280,8 @@ def test_cuda_prefill_graph_turned_off(plugins, llama, cuda_host):
     ],
 )
 def test_cuda_prefill_graph_explicit_refused(plugins, llama, cuda_host, flags, flag):
-    with pytest.raises(DepthKVConfigError) as e:
-        cuda_cli(llama, "--kv-policy", "snapkv", "--kv-budget", "0.5", *flags)
-    assert str(e.value).startswith(flag + ": prefill CUDA graph backend"), str(e.value)
+    e = refused(cuda_cli, llama, "--kv-policy", "snapkv", "--kv-budget", "0.5", *flags)
+    assert str(e).startswith(flag + ": prefill CUDA graph backend"), str(e)
 
 
 def test_cuda_prefill_graph_refused_after_resolution(plugins, llama):
@@ -291,8 +310,7 @@ def test_cuda_refuses_torch_native(plugins, llama, name):
 
 
 def test_cli_refuses_sliding_window_model(plugins, swa_model):
-    with pytest.raises(DepthKVConfigError, match="^--model-path: sliding-window"):
-        cli(swa_model, "--kv-policy", "full")
+    assert str(refused(cli, swa_model, "--kv-policy", "full")).startswith("--model-path: sliding-window")
 
 
 def test_cli_depthkv_profile_accepted_and_sizes_layers(plugins, llama, tmp_path):
@@ -325,15 +343,15 @@ def test_cli_refuses_bad_profiles(plugins, llama, tmp_path, case):
         doc = json.loads(p.read_text())
         doc["sensitivity"][1][0] = -1.0
         p.write_text(json.dumps(doc))
-    with pytest.raises(DepthKVConfigError, match="^--kv-profile:"):
-        cli(llama, "--kv-policy", "depthkv", "--kv-budget", "0.3", "--kv-profile", str(p))
+    assert str(refused(cli, llama, "--kv-policy", "depthkv", "--kv-budget", "0.3", "--kv-profile", str(p))
+               ).startswith("--kv-profile:")
 
 
 def test_cli_refuses_bad_gate_file(plugins, llama, tmp_path):
     g = tmp_path / "gates.bin"
     g.write_bytes(b"not a gate file")
-    with pytest.raises(DepthKVConfigError, match="^--kv-gates:"):
-        cli(llama, "--kv-policy", "kvzip", "--kv-budget", "0.3", "--kv-gates", str(g))
+    assert str(refused(cli, llama, "--kv-policy", "kvzip", "--kv-budget", "0.3", "--kv-gates", str(g))
+               ).startswith("--kv-gates:")
 
 
 # --- Engine(...) keywords -------------------------------------------------------------------------
@@ -379,23 +397,71 @@ def test_missing_hook_is_a_hard_error(plugins, llama, monkeypatch):
     assert getattr(cli(llama), "_depthkv_settings", None) is None
 
 
-def _launch(*args):
+def test_server_args_refusal_is_a_value_error(plugins, llama):
+    """From Python the refusal stays an exception (no exit), with the same message as on the CLI."""
+    from sglang.srt.server_args import ServerArgs
+
+    with pytest.raises(DepthKVConfigError, match=re.escape("--kv-budget: must be in (0, 1], got 1.5")):
+        ServerArgs(model_path=llama, device="cpu", skip_tokenizer_init=True, kv_policy="snapkv", kv_budget=1.5)
+    with pytest.raises(ValueError, match="^--page-size: 2 not supported"):
+        ServerArgs(model_path=llama, device="cpu", skip_tokenizer_init=True, kv_policy="full", page_size=2)
+
+
+# --- the real entry point: python -m sglang.launch_server ------------------------------------------
+
+# Log lines of a start that got as far as the model (scheduler process, weight loading).
+STARTED = ("Load weight", "Loading safetensors", "Init torch distributed", "server_args=ServerArgs")
+
+
+def _launch(*args, **env_overrides):
     import os
     import subprocess
 
-    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", **env_overrides)
     return subprocess.run([sys.executable, "-m", "sglang.launch_server", *args], capture_output=True, text=True,
                           timeout=240, env=env)
 
 
-def test_launch_server_help_and_refusal(llama):
-    """The real ``python -m sglang.launch_server`` entry: flags in --help; a bad flag stops it before
-    anything starts, naming the flag."""
+def test_launch_server_help(llama):
     h = _launch("--help")
     assert h.returncode == 0
     for flag in ("--kv-policy", "--kv-budget", "--kv-profile", "--kv-gates", "--kv-window", "--kv-sinks",
                  "--kv-decode-interval"):
         assert flag in h.stdout
-    bad = _launch("--model-path", llama, "--device", "cpu", "--kv-policy", "snapkv", "--kv-budget", "2")
-    assert bad.returncode != 0
-    assert "DepthKVConfigError: --kv-budget: must be in (0, 1], got 2.0" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "case, flags, expected, alone",
+    [
+        # parse_settings, before ServerArgs resolves; SGLang's import-time UserWarnings silenced: the
+        # refusal is then the whole of stderr
+        ("flag value", ["--kv-policy", "snapkv", "--kv-budget", "1.5"],
+         "error: --kv-budget: must be in (0, 1], got 1.5", True),
+        # check_server_args, after ServerArgs resolved; SGLang's warnings and log lines come first
+        ("SGLang flag", ["--kv-policy", "snapkv", "--kv-budget", "0.5", "--page-size", "2"],
+         "error: --page-size: 2 not supported with --kv-policy (page_size 1 only: pruning frees single tokens; "
+         "paged allocators free whole pages)", False),
+        # check_model, on the model's config.json
+        ("model", ["--kv-policy", "full"],
+         "error: --model-path: sliding-window attention models are not supported with --kv-policy", False),
+    ],
+)
+def test_launch_server_refusal_is_a_usage_error(llama, swa_model, case, flags, expected, alone):
+    """A refused configuration through ``python -m sglang.launch_server``: exit status 2 and the
+    refusal as the last stderr line, as argparse reports a bad flag; no traceback, no plugin line
+    before it, and nothing started (no scheduler, no weight loaded)."""
+    model = swa_model if case == "model" else llama
+    env = {"PYTHONWARNINGS": "ignore::UserWarning"} if alone else {}
+    t0 = time.monotonic()
+    p = _launch("--model-path", model, "--device", "cpu", *flags, **env)
+    elapsed = time.monotonic() - t0
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert lines[-1] == expected, lines
+    if alone:
+        assert lines == [expected], lines  # refused before SGLang resolves (and logs) anything
+    assert not any(re.search(r"sglang-depthkv[: ]|DepthKV", line) for line in lines[:-1]), lines  # said once
+    out = p.stdout + p.stderr
+    assert "Traceback" not in out, out[-3000:]
+    assert not any(marker in out for marker in STARTED), out[-3000:]
+    assert elapsed < 90, elapsed  # SGLang's imports only (a start loads the model in a scheduler)

@@ -166,6 +166,8 @@ def test_capacity_table_and_pool_line_parse(tmp_path):
     assert logparse.capacity_table("no table") is None and logparse.pool_line("nothing") is None
     assert logparse.failure_reason("x\nsglang_depthkv.sglang.config.DepthKVConfigError: --attention-backend: "
                                    "'flashinfer' not supported\n") == "refused: --attention-backend: 'flashinfer' not supported"
+    assert logparse.failure_reason("UserWarning: x\nerror: --kv-budget: must be in (0, 1], got 1.5\n") == \
+        "refused: --kv-budget: must be in (0, 1], got 1.5"  # launch_server's one-line usage error
     assert logparse.failure_reason("a\nRuntimeError: boom\nb") == "failed: RuntimeError: boom"
 
 
