@@ -213,7 +213,9 @@ def print_plan(setup, runner_mod) -> None:
 
                 pin = equal_bytes_plan(pr.vanilla_kv_tokens, cfg.policy, cfg.budget, str(setup.profile),
                                        setup.model_cfg, pr.chunked_prefill_size,
-                                       int(setup.model_cfg.get("max_position_embeddings") or 0), pr.dtype).logical_tokens
+                                       int(setup.model_cfg.get("max_position_embeddings") or 0), pr.dtype,
+                                       graph_max_bs=(pr.cuda_graph_max_bs or 0) if pr.cuda_graph else 0,
+                                       decode_interval=runner_mod.decode_interval(setup, cfg)).logical_tokens
             else:
                 pin = "<equal-bytes N, computed once vanilla reports chunked_prefill_size>"
         args = runner_mod.server_args(setup, cfg, None) + (["--max-total-tokens", str(pin)] if pin else [])

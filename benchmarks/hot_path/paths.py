@@ -10,7 +10,9 @@
   inside SGLang's free group (their prompts are in the tree already: every id is freed);
 - ``prefill_end``: one extend batch whose prefills all end: per layer the scoring of every request
   (``_score_extend_layer``: held K/V, observation, SnapKV scores) and after the last layer the
-  keep decision and ``DepthKVAllocator.prune`` (``select_own``, ``apply_prune``);
+  keep decision and ``DepthKVAllocator.prune`` (``select_own_many``, ``apply_prune``);
+  ``prefill_end_laprox``: the same with LaProx scores and the global top-k (score-dependent keep
+  counts, read back once per batch);
 - ``admission``: ``PrefillAdder``'s per-layer deficit (``layer_deficit``) with the tree holding the
   finished prompts and the layers short;
 - ``evict``: ``evict_from_tree_cache`` with the plugin's per-layer top-up.
@@ -142,15 +144,21 @@ class _ScoringHost:
         return h
 
 
-def prefill_end(counter, st, reqs, prompt, measure=None):
-    """``measure``: an optional context manager around the counted block (e.g. ``LiveBytes``)."""
+def prefill_end(counter, st, reqs, prompt, measure=None, policy="snapkv", path="prefill_end"):
+    """``measure``: an optional context manager around the counted block (e.g. ``LiveBytes``);
+    ``policy``: ``snapkv`` (per-layer budgets fixed on the host) or ``laprox`` (one global top-k:
+    score-dependent keep counts)."""
     from sglang.srt.layers.radix_attention import RadixAttention
     from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 
     from sglang_depthkv.core.policy import make_policy
     from sglang_depthkv.sglang.observations import ExtendEntry
 
-    host = _ScoringHost(st, make_policy("snapkv", 0.3, sinks=4, window=8))
+    host = _ScoringHost(st, make_policy(policy, 0.3, sinks=4, window=8))
+    if policy == "laprox":
+        w_o = torch.randn(S.Q_HEADS * S.HEAD_DIM, S.Q_HEADS * S.HEAD_DIM, generator=torch.Generator().manual_seed(4))
+        w_o = (w_o * 0.02).to(S.DTYPE).to("cpu")
+        host._o_proj_weight = lambda layer_id: w_o
     bs = len(reqs)
     rpi, seq_cpu = _batch_tensors(st, reqs, counter)
     fb = ForwardBatch(forward_mode=ForwardMode.EXTEND, batch_size=bs, input_ids=None, req_pool_indices=rpi,
@@ -164,7 +172,7 @@ def prefill_end(counter, st, reqs, prompt, measure=None):
         st.pool.set_kv_buffer(None, ids, *_kv(ids.numel(), 10 + l), layer_id_override=l)
     host.depthkv_pending_entries = [ExtendEntry(req=r, rid=str(r.rid), prefix_len=0, seq_len=prompt, own_lo=0,
                                                 final=True) for r in reqs]
-    with counter.count("prefill_end"), (measure if measure is not None else nullcontext()):
+    with counter.count(path), (measure if measure is not None else nullcontext()):
         host._begin_forward(fb)
         for layer in layers:
             host._score_extend_layer(layer, q)

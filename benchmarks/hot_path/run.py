@@ -29,7 +29,7 @@ from benchmarks.hot_path.sync_count import SyncCounter
 
 BATCHES = (1, 16, 64)
 PROMPT = 48
-TARGETS = {"decode_graph": 0, "decode_eager": 0, "request_finish": 0, "prefill_end": 8}
+TARGETS = {"decode_graph": 0, "decode_eager": 0, "request_finish": 0, "prefill_end": 8, "prefill_end_laprox": 8}
 
 
 def count_paths(batch: int) -> dict:
@@ -39,6 +39,12 @@ def count_paths(batch: int) -> dict:
         st = S.build_state(batch, PROMPT)
         a = S.add_requests(st, batch, PROMPT)
         P.prefill_end(c, st, a, PROMPT)
+        lap = S.add_requests(st, batch, PROMPT, first_token=10 ** 6)
+        P.prefill_end(c, st, lap, PROMPT, policy="laprox", path="prefill_end_laprox")
+        for r in lap:  # out of the way of the decode paths
+            st.alloc.free(st.r2t.req_to_token[r.req_pool_idx, :PROMPT].long())
+            st.r2t.free(r)
+        st.reqs, st.seq_lens = st.reqs[:batch], st.seq_lens[:batch]
         st.streams.alloc_graph(batch, batch * (PROMPT + 8))
         splits = torch.empty((S.LAYERS, batch), dtype=torch.int32, device="cpu")
         P.decode_graph(c, st, a, splits)

@@ -42,10 +42,10 @@ def build_state(batch: int, prompt: int, device: str = "cpu") -> ServingState:
     from sglang_depthkv.sglang.pool import DepthKVPool
     from sglang_depthkv.sglang.radix_cache import DepthKVRadixCache
 
-    size = 3 * batch * (prompt + 8) + 128
+    size = 4 * batch * (prompt + 8) + 128
     pool = DepthKVPool(size, layer_capacities(size), DTYPE, KV_HEADS, HEAD_DIM, LAYERS, device)
     alloc = DepthKVAllocator(size, DTYPE, device, pool)
-    r2t = ReqToTokenPool(size=2 * batch + 2, max_context_len=prompt + 64, device=device, enable_memory_saver=False)
+    r2t = ReqToTokenPool(size=3 * batch + 2, max_context_len=prompt + 64, device=device, enable_memory_saver=False)
     tree = DepthKVRadixCache(CacheInitParams(disable=False, req_to_token_pool=r2t, token_to_kv_pool_allocator=alloc,
                                              page_size=1))
     streams = LayerIndexStreams(pool.mapping, r2t.req_to_token, torch.int32)

@@ -29,7 +29,8 @@ CAP_HEADER_RE = re.compile(
     r"sglang-depthkv capacity: policy=(?P<policy>\S+) budget=(?P<budget>\S+) headroom=(?P<headroom>\d+) tokens/layer")
 CAP_ROW_RE = re.compile(r"^\s*(?P<l>\d+)\s+(?P<f>[0-9.]+)\s+(?P<c>\d+)\s+(?P<gib>[0-9.]+)\s*$")
 CAP_TOTAL_RE = re.compile(
-    r"total KV (?P<kv>[0-9.]+) GiB \+ metadata (?P<meta>[0-9.]+) GiB = (?P<tot>[0-9.]+) GiB; "
+    r"total KV (?P<kv>[0-9.]+) GiB \+ metadata (?P<meta>[0-9.]+) GiB(?: \+ plugin buffers (?P<plugin>[0-9.]+) GiB)? "
+    r"= (?P<tot>[0-9.]+) GiB; "
     r"logical capacity max_total_num_tokens=(?P<n>\d+)")
 # a refusal: the Python API's exception, or launch_server's one-line usage error (exit status 2)
 REFUSAL_RE = re.compile(r"DepthKVConfigError: (?P<msg>[^\n]+)|^error: (?P<cli>--[\w-]+: [^\n]+)", re.M)
@@ -132,7 +133,7 @@ def capacity_table(text: str) -> Optional[dict]:
             capacities.append(int(row["c"]))
             gib.append(float(row["gib"]))
             continue
-        if line.strip().startswith("layer"):
+        if line.strip().startswith(("layer", "plugin buffer:")):
             continue
         total = CAP_TOTAL_RE.search(line)
         break
@@ -140,7 +141,8 @@ def capacity_table(text: str) -> Optional[dict]:
         return None
     return {"policy": m["policy"], "budget": float(m["budget"]), "headroom": int(m["headroom"]),
             "fractions": fractions, "capacities": capacities, "layer_gib": gib,
-            "kv_gib": float(total["kv"]), "metadata_gib": float(total["meta"]), "total_gib": float(total["tot"]),
+            "kv_gib": float(total["kv"]), "metadata_gib": float(total["meta"]),
+            "plugin_gib": float(total["plugin"] or 0.0), "total_gib": float(total["tot"]),
             "logical_tokens": int(total["n"])}
 
 

@@ -5,7 +5,8 @@ SGLang turns a KV byte budget B into ``B // cell`` vanilla tokens (``DefaultPool
 that count. To give every server the same bytes as a vanilla pool of T tokens, B = T x cell, and the
 plugin server gets ``--max-total-tokens N`` with N its own pool plan's logical capacity for B
 (``sglang_depthkv.sglang.capacity.plan_for_bytes``: per-layer capacities, headroom, mapping and free
-lists all inside B). The server then builds exactly that plan (``plan_for_tokens(N)``); the run
+lists, and the plugin's other device buffers (``sglang_depthkv.sglang.plugin_memory``: CUDA-graph
+page tables, decode ring, scoring transients) all inside B). The server then builds exactly that plan (``plan_for_tokens(N)``); the run
 checks the capacity table it logs.
 """
 
@@ -40,14 +41,34 @@ def headroom(chunked_prefill_size: Optional[int], context_len: int, window: int 
                             DEFAULT_SINKS if sinks is None else sinks)
 
 
+def plugin_shapes(cfg: dict, context_len: int, chunked_prefill_size: Optional[int], dtype: Optional[str],
+                  graph_max_bs: int, decode_interval: int, policy: str, budget: float):
+    """``plugin_memory.PluginShapes`` of a server of the run (default window; no gate files)."""
+    from sglang_depthkv.sglang.config import DEFAULT_WINDOW
+    from sglang_depthkv.sglang.plugin_memory import PluginShapes
+
+    b = dtype_bytes(cfg, dtype)
+    ctx = int(context_len)
+    return PluginShapes(
+        num_layers=int(cfg["num_hidden_layers"]), q_heads=int(cfg["num_attention_heads"]), kv_heads=kv_heads(cfg),
+        head_dim=head_dim(cfg), hidden_size=int(cfg["hidden_size"]), context_len=ctx, kv_bytes=b, act_bytes=b,
+        graph_max_bs=int(graph_max_bs), prefill_chunk=int(chunked_prefill_size) if chunked_prefill_size else ctx,
+        window=DEFAULT_WINDOW, decode_interval=int(decode_interval),
+        scores=policy != "full" and float(budget) < 1.0, gate_hidden=False)
+
+
 def equal_bytes_plan(vanilla_tokens: int, policy: str, budget: float, profile: Optional[str], cfg: dict,
-                     chunked_prefill_size: Optional[int], context_len: int, dtype: Optional[str] = None):
-    """The plugin's ``CapacityPlan`` for the bytes of a vanilla pool of ``vanilla_tokens`` tokens."""
+                     chunked_prefill_size: Optional[int], context_len: int, dtype: Optional[str] = None,
+                     graph_max_bs: int = 0, decode_interval: int = 0):
+    """The plugin's ``CapacityPlan`` for the bytes of a vanilla pool of ``vanilla_tokens`` tokens, its
+    other device buffers included (decode graphs up to ``graph_max_bs``; 0: none)."""
     from sglang_depthkv.sglang.capacity import plan_for_bytes
+    from sglang_depthkv.sglang.plugin_memory import items_function
 
     if not isinstance(vanilla_tokens, int) or vanilla_tokens < 1:
         raise ValueError(f"--vanilla-kv-tokens must be a positive integer, got {vanilla_tokens!r}")
     cell = kv_cell_bytes(cfg, dtype)
     L = int(cfg["num_hidden_layers"])
+    shapes = plugin_shapes(cfg, context_len, chunked_prefill_size, dtype, graph_max_bs, decode_interval, policy, budget)
     return plan_for_bytes(vanilla_tokens * cell, plugin_fractions(policy, budget, profile, cfg),
-                          headroom(chunked_prefill_size, context_len), cell // L)
+                          headroom(chunked_prefill_size, context_len), cell // L, plugin=items_function(shapes))

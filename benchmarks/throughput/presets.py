@@ -77,6 +77,9 @@ class Preset:
     first_start_estimate_s: float = 60.0
     # --kv-decode-interval of the pruning plugin servers (not vanilla, not full); None: not passed
     kv_decode_interval: Optional[int] = None
+    # --cuda-graph-max-bs for every server (with cuda_graph): the plugin's graph buffers are sized by it
+    # and counted in the equal-bytes pin, so it is set, not left to SGLang's memory heuristics
+    cuda_graph_max_bs: Optional[int] = None
 
     def workload(self, key: str) -> Workload:
         for w in self.workloads:
@@ -130,7 +133,7 @@ GPU_LLAMA8B = Preset(
     ),
     time_budget_s=330.0, start_timeout_s=300.0,
     extra_server_args=("--grammar-backend", "none", "--mm-feature-transport=cpu"),
-    first_start_estimate_s=90.0, kv_decode_interval=128,
+    first_start_estimate_s=90.0, kv_decode_interval=128, cuda_graph_max_bs=128,
 )
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (CPU_TINY, GPU_LLAMA8B)}

@@ -87,6 +87,8 @@ def common_server_args(s: RunSetup) -> List[str]:
         a += ["--chunked-prefill-size", str(p.chunked_prefill_size)]
     if not p.cuda_graph:
         a.append("--disable-cuda-graph")
+    elif p.cuda_graph_max_bs:
+        a += ["--cuda-graph-max-bs", str(int(p.cuda_graph_max_bs))]
     return a + list(p.extra_server_args) + list(s.extra_server_args)
 
 
@@ -96,6 +98,17 @@ def server_args(s: RunSetup, cfg: ServerConfig, max_total_tokens: Optional[int])
         a += ["--max-total-tokens", str(int(max_total_tokens))]
     a += cfg.kv_args(str(s.profile)) + decode_interval_args(s, cfg)
     return a + (list(s.plugin_args) if cfg.is_plugin else [])
+
+
+def decode_interval(s: RunSetup, cfg: ServerConfig) -> int:
+    """The ``--kv-decode-interval`` a server of the run gets (0: none)."""
+    a = decode_interval_args(s, cfg) or [x for x in s.plugin_args if x.startswith("--kv-decode-interval")]
+    if not a:
+        return 0
+    if a[0].startswith("--kv-decode-interval="):
+        return int(a[0].split("=", 1)[1])
+    rest = list(s.plugin_args) if not decode_interval_args(s, cfg) else a
+    return int(rest[rest.index("--kv-decode-interval") + 1])
 
 
 def decode_interval_args(s: RunSetup, cfg: ServerConfig) -> List[str]:
@@ -276,8 +289,10 @@ class Runner:
             chunk = van.pool_line["chunked_prefill_size"]
         ctx = (van.pool_line or {}).get("context_len") if van else None
         ctx = ctx or int(self.s.model_cfg.get("max_position_embeddings") or 0)
+        p = self.s.preset
         plan = pins.equal_bytes_plan(T, cfg.policy, cfg.budget, str(self.s.profile), self.s.model_cfg, chunk, ctx,
-                                     self.s.preset.dtype)
+                                     p.dtype, graph_max_bs=(p.cuda_graph_max_bs or 0) if p.cuda_graph else 0,
+                                     decode_interval=decode_interval(self.s, cfg))
         return plan.logical_tokens
 
     # --- the loop ---------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ decode batch, ``T`` the context length, ``w`` the window, ``I`` the decode inter
   indptr, ``L * B`` held counts, ``L * B`` split counts (int32), ``L * B`` write slots (int64);
 - the decode ring (decode CUDA graphs with ``--kv-decode-interval``): ``L * (B*w + B) * qh * d``
   query-dtype elements, plus ``L * (B*(I+w) + B) * hidden`` for gates with hidden states;
-- end-of-prefill scoring, one request and one layer at a time, at ``n = T`` held tokens, the
+- end-of-prefill scoring, one request and one layer at a time, at ``n = min(T, min_l C_l)`` held
+  tokens (a longer prompt is refused: the request-length cap is the smallest layer's capacity), the
   scorers working over chunks of ``c = min(CHUNK, n)`` keys (``core/scorers/window_attention.py``):
   the held positions and slots (``56 n``), keys and values gathered in the KV dtype
   (``2 * kvh * n * d * kv_bytes``), one chunk of window logits (``2 * qh * w * c * 4 +
@@ -69,12 +70,15 @@ def graph_items(s: PluginShapes, max_capacity: int) -> Items:
     return tuple(items)
 
 
-def scoring_items(s: PluginShapes) -> Items:
+def scoring_items(s: PluginShapes, capacities: Sequence[int] = ()) -> Items:
+    """At ``n`` = the longest prompt a request can have: the context, or less when the smallest
+    layer caps the request length (``patches/request_limits.py``)."""
     if not s.scores:
         return ()
     from sglang_depthkv.core.scorers.window_attention import CHUNK
 
-    n, L, w = s.context_len, s.num_layers, max(1, s.window)
+    n = min([s.context_len] + [int(c) for c in capacities])
+    L, w = s.num_layers, max(1, s.window)
     c = min(int(CHUNK), n)
     group = s.q_heads // s.kv_heads
     one_layer = (n * 56  # held positions / slots (int64 working set)
@@ -90,7 +94,7 @@ def scoring_items(s: PluginShapes) -> Items:
 
 
 def plugin_items(s: PluginShapes, capacities: Sequence[int]) -> Items:
-    return graph_items(s, max(int(c) for c in capacities)) + scoring_items(s)
+    return graph_items(s, max(int(c) for c in capacities)) + scoring_items(s, capacities)
 
 
 def items_function(s: PluginShapes) -> Callable[[Sequence[int]], Items]:

@@ -28,11 +28,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from sglang_depthkv.core.policy import PrunePolicy
+from sglang_depthkv.core import selection
 from sglang_depthkv.core.selection import protect, select_top
 
 DUMP_ENV = "SGLANG_DEPTHKV_DUMP_KEEP"
@@ -48,20 +49,47 @@ def select_own(policy: PrunePolicy, own_scores: torch.Tensor, own_lo: int,
     unprotected token scores ``own_scores [L, m]`` of positions ``own_lo .. own_lo + m - 1``.
     ``None`` when the segment is not pruned (everything kept). ``check_nan=False``: the caller has
     checked the scores for NaN already (one device read for a whole batch)."""
-    if not isinstance(own_scores, torch.Tensor) or own_scores.dim() != 2:
-        raise ValueError(f"select_own: own_scores must be [num_layers, m], got {getattr(own_scores, 'shape', own_scores)}")
-    if int(own_lo) < 0:
-        raise ValueError(f"select_own: own_lo must be >= 0, got {own_lo}")
-    L, m = int(own_scores.shape[0]), int(own_scores.shape[1])
-    sinks = sinks_in_segment(policy.sinks, own_lo, m)
-    if not (policy.budget < 1.0 and m > sinks + policy.window):
-        return None
-    prot = torch.stack([protect(own_scores[l].float(), sinks, policy.window) for l in range(L)])
-    if policy.allocator.score_dependent:
-        counts = policy.allocator.allocate(m, L, policy.budget, sinks, policy.window, prot)
+    if check_nan and isinstance(own_scores, torch.Tensor):
+        selection.check_no_nan(own_scores.reshape(-1), "select_own")
+    return select_own_many(policy, [(own_scores, own_lo)])[0]
+
+
+def select_own_many(policy: PrunePolicy, segments: Sequence[Tuple[torch.Tensor, int]]
+                    ) -> List[Optional[List[torch.Tensor]]]:
+    """``select_own`` for every ``(own_scores, own_lo)`` of a batch (scores already checked for NaN):
+    the score-dependent keep counts of all segments are read back in one device-to-host copy."""
+    prepared = []
+    for own_scores, own_lo in segments:
+        if not isinstance(own_scores, torch.Tensor) or own_scores.dim() != 2:
+            raise ValueError(f"select_own: own_scores must be [num_layers, m], got "
+                             f"{getattr(own_scores, 'shape', own_scores)}")
+        if int(own_lo) < 0:
+            raise ValueError(f"select_own: own_lo must be >= 0, got {own_lo}")
+        L, m = int(own_scores.shape[0]), int(own_scores.shape[1])
+        sinks = sinks_in_segment(policy.sinks, own_lo, m)
+        if not (policy.budget < 1.0 and m > sinks + policy.window):
+            prepared.append(None)
+            continue
+        prot = torch.stack([protect(own_scores[l].float(), sinks, policy.window) for l in range(L)])
+        prepared.append((prot, m, sinks, int(own_lo)))
+    live = [p for p in prepared if p is not None]
+    if not live:
+        return [None] * len(prepared)
+    L = int(live[0][0].shape[0])
+    alloc = policy.allocator
+    if alloc.score_dependent:
+        counts = iter(alloc.allocate_many([(m, sinks, prot) for prot, m, sinks, _ in live], L, policy.budget,
+                                          policy.window))
     else:
-        counts = policy.allocator.allocate(m, L, policy.budget, sinks, policy.window)
-    return [select_top(prot[l], int(k), check_nan=check_nan) + int(own_lo) for l, k in enumerate(counts)]
+        counts = iter([alloc.allocate(m, L, policy.budget, sinks, policy.window) for _, m, sinks, _ in live])
+    out = []
+    for p in prepared:
+        if p is None:
+            out.append(None)
+            continue
+        prot, _, _, lo = p
+        out.append([select_top(prot[l], int(k), check_nan=False) + lo for l, k in enumerate(next(counts))])
+    return out
 
 
 @dataclass

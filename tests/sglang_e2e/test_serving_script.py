@@ -173,6 +173,7 @@ def test_capacity_table_and_pool_line_parse(tmp_path):
 
 def test_equal_bytes_pins_fit_vanilla_bytes(tmp_path):
     from sglang_depthkv.sglang.capacity import plan_for_tokens
+    from sglang_depthkv.sglang.plugin_memory import items_function
 
     from benchmarks.throughput.model_files import write_resampled_profile
 
@@ -180,8 +181,11 @@ def test_equal_bytes_pins_fit_vanilla_bytes(tmp_path):
     cell = 2048
     for policy, budget in (("depthkv", 0.3), ("depthkv", 0.1), ("laprox", 0.3), ("full", 1.0)):
         plan = pins.equal_bytes_plan(4096, policy, budget, str(prof), TINY_LLAMA, 512, 4096)
-        assert plan.headroom == 512 and plan.total_bytes() <= 4096 * cell  # KV + metadata inside vanilla's bytes
-        bigger = plan_for_tokens(plan.logical_tokens + 1, plan.fractions, 512, cell // 4)
+        # KV + metadata + the plugin's other buffers inside vanilla's bytes
+        assert plan.headroom == 512 and plan.total_bytes() <= 4096 * cell
+        assert (plan.plugin_bytes() > 0) == (policy != "full")
+        shapes = pins.plugin_shapes(TINY_LLAMA, 4096, 512, None, 0, 0, policy, budget)
+        bigger = plan_for_tokens(plan.logical_tokens + 1, plan.fractions, 512, cell // 4, items_function(shapes))
         assert bigger.total_bytes() > 4096 * cell  # and the largest such N
         assert sum(plan.fractions) / 4 == pytest.approx(budget)
     full = pins.equal_bytes_plan(4096, "full", 1.0, None, TINY_LLAMA, 512, 4096)
@@ -380,8 +384,11 @@ def test_tiny_cpu_run_end_to_end(tmp_path):
     assert 1 <= dk["peak_running_requests"] <= 12
     srv = doc["servers"]["depthkv@0.3"]
     cap = srv["capacity"]
-    assert cap["logical_tokens"] == dk["logical_kv_tokens"] == srv["pinned_tokens"] > 2 * 4096
-    assert (cap["kv_gib"] + cap["metadata_gib"]) * 2**30 <= 4096 * 2048 * 1.0001  # same bytes as vanilla's pool
+    # more logical tokens than vanilla in the same bytes (the tiny pool also pays the scoring reserve)
+    assert cap["logical_tokens"] == dk["logical_kv_tokens"] == srv["pinned_tokens"] > 1.4 * 4096
+    # the same bytes as vanilla's pool, the plugin's other buffers included
+    assert (cap["kv_gib"] + cap["metadata_gib"] + cap["plugin_gib"]) * 2**30 <= 4096 * 2048 * 1.0001
+    assert cap["plugin_gib"] > 0
     assert cap["policy"] == "depthkv" and len(cap["capacities"]) == 4
     md = (out / "serving-cpu.md").read_text()
     assert "CPU functional run" in md and "| long-decode | depthkv@0.3 | 0.3 |" in md

@@ -125,5 +125,11 @@ class LayerBudgetAllocator(ABC):
         total = total_keep(n, L, budget, sinks, window)
         return apportion(self.layer_fractions(L, budget), n, total, min_keep(n, sinks, window))
 
+    def allocate_many(self, segments, num_layers: int, budget: float, window: int) -> list[list[int]]:
+        """``allocate`` for each ``(n, sinks, layer_scores)`` of a batch of segments. Score-dependent
+        allocators override it to read all keep counts back at once; the caller has checked the
+        scores for NaN."""
+        return [self.allocate(n, num_layers, budget, sinks, window, scores) for n, sinks, scores in segments]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

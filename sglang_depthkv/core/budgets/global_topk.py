@@ -65,17 +65,40 @@ class GlobalTopKAllocator(LayerBudgetAllocator):
             raise ValueError(f"GlobalTopKAllocator: layer_scores must be floating point, got {layer_scores.dtype}")
         if torch.isnan(layer_scores).any():
             raise ValueError("GlobalTopKAllocator: layer_scores contain NaN")
+        return self.allocate_many([(n, sinks, layer_scores)], L, budget, window)[0]
+
+    def allocate_many(self, segments, num_layers: int, budget: float, window: int) -> list[list[int]]:
+        """Keep counts of every ``(n, sinks, layer_scores)`` segment; the device counts of all of
+        them come back in one device-to-host copy (the caller checked the scores for NaN)."""
+        L = _check_int("num_layers", num_layers, 1)
+        out, pending = [], []
+        for n, sinks, layer_scores in segments:
+            n = _check_int("n", n)
+            if not isinstance(layer_scores, torch.Tensor) or tuple(layer_scores.shape) != (L, n):
+                raise ValueError(f"GlobalTopKAllocator: layer_scores must be [{L}, {n}]")
+            lo, extra = self._plan(n, L, budget, sinks, window)
+            out.append([lo] * L)
+            if extra:
+                pending.append((len(out) - 1, lo, extra_keep_counts(
+                    layer_scores.detach().to(torch.float32), lo, self._cap(n, lo), extra)))
+        if pending:
+            read = torch.stack([c for _, _, c in pending]).tolist()  # one device-to-host copy
+            for (i, lo, _), counts in zip(pending, read):
+                out[i] = [lo + int(c) for c in counts]
+        return out
+
+    def _cap(self, n: int, lo: int) -> int:
+        return max(lo, min(n, int(math.floor(self.max_fraction * n))))
+
+    def _plan(self, n: int, L: int, budget: float, sinks: int, window: int):
+        """(lo, extra): every layer's protected minimum, and the slots the global top-k hands out."""
         total = total_keep(n, L, budget, sinks, window)
         lo = min_keep(n, sinks, window)
-        cap = max(lo, min(n, int(math.floor(self.max_fraction * n))))
+        cap = self._cap(n, lo)
         if L * cap < total:
             raise ValueError(f"GlobalTopKAllocator: max_fraction {self.max_fraction} caps {L} layers at {cap} tokens "
                              f"each, fewer than the {total} slots budget {budget} keeps")
-        extra = total - L * lo
-        if extra == 0:
-            return [lo] * L
-        counts = extra_keep_counts(layer_scores.detach().to(torch.float32), lo, cap, extra)
-        return [lo + int(c) for c in counts.tolist()]  # one device-to-host copy
+        return lo, total - L * lo
 
     def __repr__(self) -> str:
         return f"GlobalTopKAllocator(max_fraction={self.max_fraction:g})"

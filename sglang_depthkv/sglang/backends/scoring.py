@@ -246,10 +246,14 @@ class DepthKVScoringMixin:
     def _finish(self, scoring: ForwardScoring):
         own = {i: P.own_token_scores(scoring.scores[i]) for i, e in enumerate(scoring.entries)
                if e is not None and e.final and self._segment_prunes(e)}
-        if own:  # one NaN check (one device read) for the whole batch
+        keeps = {}
+        if own:  # one NaN check and (global top-k) one read of the keep counts for the whole batch
             from sglang_depthkv.core.selection import check_no_nan
 
             check_no_nan(torch.cat([s.reshape(-1) for s in own.values()]), "DepthKV token scores")
+            order = list(own)
+            keeps = dict(zip(order, P.select_own_many(
+                self.policy, [(own[i], scoring.entries[i].own_lo) for i in order])))
         for i, entry in enumerate(scoring.entries):
             if entry is None:
                 continue
@@ -257,10 +261,7 @@ class DepthKVScoringMixin:
                 scoring.stashes[i].upto = entry.seq_len
                 continue
             O.clear_stash(entry)
-            keep = None
-            if self._segment_prunes(entry):
-                keep = P.select_own(self.policy, own[i], entry.own_lo, check_nan=False)
-            rec = P.PruneRecord(rid=entry.rid, own_lo=entry.own_lo, seq_len=entry.seq_len, keep=keep)
+            rec = P.PruneRecord(rid=entry.rid, own_lo=entry.own_lo, seq_len=entry.seq_len, keep=keeps.get(i))
             P.apply_prune(self.allocator, self.req_to_token_pool.req_to_token, entry.req.req_pool_idx, rec)
             P.dump_keep(rec)
             self.prune_log = (self.prune_log + [rec])[-64:]
