@@ -73,18 +73,15 @@ def _kv(bs, seed):
     return k, k.clone()
 
 
-def decode_graph(counter, st, reqs, graph_splits):
-    from sglang_depthkv.kernels.kv_splits import layer_kv_splits
-
-    bs = len(reqs)
+def _decode_step(counter, st, reqs, path, seed, metadata):
+    """One decode step of ``reqs`` counted under ``path``: the step's ``alloc``, ``metadata(rpi,
+    seq_lens, seq_lens_cpu, out)`` (the backend's per-step preparation) and ``set_kv_buffer`` per
+    layer."""
     rpi, seq_cpu = _batch_tensors(st, reqs, counter)
-    k, v = _kv(bs, 1)
-    with counter.count("decode_graph"):
+    k, v = _kv(len(reqs), seed)
+    with counter.count(path):
         out = _decode_step_alloc(st, reqs, rpi, seq_cpu)
-        seq_lens = (seq_cpu + 1).to("cpu")
-        indptr, indices, kept = st.streams.fill_graph(rpi, seq_lens, bs)
-        layer_kv_splits(graph_splits, kept, num_head=S.Q_HEADS, num_kv_head=S.KV_HEADS,
-                        max_kv_splits=S.MAX_KV_SPLITS, device_core_count=S.CORES)
+        metadata(rpi, (seq_cpu + 1).to("cpu"), seq_cpu + 1, out)
         for l in range(S.LAYERS):
             st.pool.set_kv_buffer(None, out, k, v, layer_id_override=l)
     for r in reqs:
@@ -92,26 +89,32 @@ def decode_graph(counter, st, reqs, graph_splits):
     return out
 
 
-def decode_eager(counter, st, reqs):
+def _splits(splits, kept):
     from sglang_depthkv.kernels.kv_splits import layer_kv_splits
 
+    layer_kv_splits(splits, kept, num_head=S.Q_HEADS, num_kv_head=S.KV_HEADS, max_kv_splits=S.MAX_KV_SPLITS,
+                    device_core_count=S.CORES)
+
+
+def decode_graph(counter, st, reqs, graph_splits):
+    def replay_prep(rpi, seq_lens, seq_cpu, out):
+        _, _, kept = st.streams.fill_graph(rpi, seq_lens, len(reqs))
+        _splits(graph_splits, kept)
+
+    return _decode_step(counter, st, reqs, "decode_graph", 1, replay_prep)
+
+
+def decode_eager(counter, st, reqs):
     bs = len(reqs)
-    rpi, seq_cpu = _batch_tensors(st, reqs, counter)
-    k, v = _kv(bs, 2)
-    with counter.count("decode_eager"):
-        out = _decode_step_alloc(st, reqs, rpi, seq_cpu)
-        seq_lens = (seq_cpu + 1).to("cpu")
+
+    def eager_metadata(rpi, seq_lens, seq_cpu, out):
         st.streams.check_held(out, "the decoded token")
-        indptr, indices, kept = st.streams.build(rpi, seq_lens, int((seq_cpu + 1).sum()))
-        splits = torch.empty((S.LAYERS, bs), dtype=torch.int32, device="cpu")
-        layer_kv_splits(splits, kept, num_head=S.Q_HEADS, num_kv_head=S.KV_HEADS, max_kv_splits=S.MAX_KV_SPLITS,
-                        device_core_count=S.CORES)
+        _, _, kept = st.streams.build(rpi, seq_lens, int(seq_cpu.sum()))
+        _splits(torch.empty((S.LAYERS, bs), dtype=torch.int32, device="cpu"), kept)
         torch.empty((bs, S.Q_HEADS, S.MAX_KV_SPLITS, S.HEAD_DIM), dtype=torch.float32, device="cpu")
         torch.empty((bs, S.Q_HEADS, S.MAX_KV_SPLITS), dtype=torch.float32, device="cpu")
-        for l in range(S.LAYERS):
-            st.pool.set_kv_buffer(None, out, k, v, layer_id_override=l)
-    for r in reqs:
-        r.kv_committed_len += 1
+
+    return _decode_step(counter, st, reqs, "decode_eager", 2, eager_metadata)
 
 
 def request_finish(counter, st, reqs):

@@ -65,11 +65,6 @@ class DepthKVAllocator(TokenToKVPoolAllocator):
         raise RuntimeError("DepthKVAllocator: resizing the per-layer pool is refused (post-capture KV resize "
                            "is rejected at start-up under --kv-policy)")
 
-    @staticmethod
-    def buffer_bytes(layer_capacities: Sequence[int]) -> int:
-        """Device bytes of the allocator's own buffers (free stacks, offsets, counts)."""
-        return 4 * (sum(int(c) for c in layer_capacities) + 1) + 16 * len(layer_capacities)
-
     # --- state ---------------------------------------------------------------------------------
     def clear(self):
         super().clear()
@@ -135,11 +130,16 @@ class DepthKVAllocator(TokenToKVPoolAllocator):
         o = self._offsets[layer]
         return self._stack[o:o + int(self._top[layer])]
 
-    def held_counts(self, logical_ids: torch.Tensor) -> List[int]:
-        """Per layer, how many of ``logical_ids`` hold a slot there (reads back: one host sync)."""
+    def layer_held(self, logical_ids: torch.Tensor) -> torch.Tensor:
+        """Per layer, how many of ``logical_ids`` hold a slot there: int64 ``[L]`` on the device (no
+        host read)."""
         if logical_ids.numel() == 0:
-            return [0] * self.num_layers
-        return [int(v) for v in (self.mapping[:, logical_ids.long()] > 0).sum(dim=1).tolist()]
+            return torch.zeros(self.num_layers, dtype=torch.int64, device=self.mapping.device)
+        return (self.mapping[:, logical_ids.long()] > 0).sum(dim=1)
+
+    def held_counts(self, logical_ids: torch.Tensor) -> List[int]:
+        """``layer_held`` on the host (one host sync)."""
+        return [int(v) for v in self.layer_held(logical_ids).tolist()]
 
     def translate(self, layer: int, logical_ids: torch.Tensor) -> torch.Tensor:
         return self.mapping[layer][logical_ids.long()].long()

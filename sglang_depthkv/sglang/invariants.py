@@ -15,6 +15,7 @@ import torch
 
 def structural_violations(alloc) -> List[str]:
     out = []
+    counted_free = alloc.layer_available_sizes(exact=True)
     for l, cap in enumerate(alloc.layer_capacities):
         free = alloc.layer_free_slots(l)
         m = alloc.mapping[l]
@@ -30,9 +31,8 @@ def structural_violations(alloc) -> List[str]:
             out.append(f"layer {l}: {int(both.sum())} slots both free and mapped")
         if free.numel() + mapped.numel() != cap:
             out.append(f"layer {l}: free {free.numel()} + mapped {mapped.numel()} != capacity {cap} (slot leak)")
-        counted = alloc.layer_available_sizes(exact=True)[l]
-        if counted != free.numel():
-            out.append(f"layer {l}: host free count {counted} != {free.numel()} free slots on the device")
+        if counted_free[l] != free.numel():
+            out.append(f"layer {l}: host free count {counted_free[l]} != {free.numel()} free slots on the device")
         if int(m[-1]) != 0 or int(m[0]) != 0:
             out.append(f"layer {l}: padding entries of the mapping are not 0")
     return out

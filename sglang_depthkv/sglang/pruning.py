@@ -76,12 +76,8 @@ def select_own_many(policy: PrunePolicy, segments: Sequence[Tuple[torch.Tensor, 
     if not live:
         return [None] * len(prepared)
     L = int(live[0][0].shape[0])
-    alloc = policy.allocator
-    if alloc.score_dependent:
-        counts = iter(alloc.allocate_many([(m, sinks, prot) for prot, m, sinks, _ in live], L, policy.budget,
-                                          policy.window))
-    else:
-        counts = iter([alloc.allocate(m, L, policy.budget, sinks, policy.window) for _, m, sinks, _ in live])
+    counts = iter(policy.allocator.allocate_many([(m, sinks, prot) for prot, m, sinks, _ in live], L, policy.budget,
+                                                 policy.window))
     out = []
     for p in prepared:
         if p is None:

@@ -73,16 +73,10 @@ class DepthKVRadixCache(RadixCache):
         alloc = self.token_to_kv_pool_allocator
         self._layer_ev = torch.zeros(alloc.num_layers, dtype=torch.int64, device=alloc.device)
 
-    def _held_of(self, value) -> torch.Tensor:
-        alloc = self.token_to_kv_pool_allocator
-        if value is None or len(value) == 0:
-            return torch.zeros(alloc.num_layers, dtype=torch.int64, device=alloc.device)
-        return (alloc.mapping[:, value.long()] > 0).sum(dim=1)
-
     def _insert_helper(self, node, key, value, priority=0, chunked=False):
         prefix_len, last = super()._insert_helper(node, key, value, priority, chunked)
         if last is not self.root_node and getattr(last, "depthkv_held", None) is None:  # a new, unlocked leaf
-            last.depthkv_held = self._held_of(last.value)
+            last.depthkv_held = self.token_to_kv_pool_allocator.layer_held(last.value)
             self._layer_ev += last.depthkv_held
         return prefix_len, last
 
@@ -90,7 +84,7 @@ class DepthKVRadixCache(RadixCache):
         held = getattr(child, "depthkv_held", None)
         new_node = super()._split_node(key, child, split_len)
         if held is not None:
-            new_node.depthkv_held = self._held_of(new_node.value)
+            new_node.depthkv_held = self.token_to_kv_pool_allocator.layer_held(new_node.value)
             child.depthkv_held = held - new_node.depthkv_held
         return new_node
 
@@ -106,7 +100,7 @@ class DepthKVRadixCache(RadixCache):
         out = super().dec_lock_ref(node, params)
         if unlocking and not self.disable:
             for n in unlocking:  # pruned while locked (its request's own chunks): recount
-                n.depthkv_held = self._held_of(n.value)
+                n.depthkv_held = self.token_to_kv_pool_allocator.layer_held(n.value)
             self._layer_ev += torch.stack([n.depthkv_held for n in unlocking]).sum(dim=0)
         return out
 

@@ -443,17 +443,19 @@ class RadixMachine(OracleMachine):
         assert min(self.o_layer_free(l) for l in range(self.L)) >= n or self.tree.evictable_size() == 0
 
     # --- invariants --------------------------------------------------------------------------------
+    def tree_nodes(self):
+        """Every node of the tree but the root."""
+        stack = list(self.tree.root_node.children.values())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            yield node
+
     @invariant()
     def tree_and_requests_account_for_every_allocated_id(self):
         if not hasattr(self, "tree"):
             return
-        in_tree = []
-        stack = [self.tree.root_node]
-        while stack:
-            node = stack.pop()
-            stack.extend(node.children.values())
-            if node is not self.tree.root_node and node.value is not None:
-                in_tree += [int(i) for i in node.value.tolist()]
+        in_tree = [int(i) for node in self.tree_nodes() if node.value is not None for i in node.value.tolist()]
         own = [i for r in self.reqs for i in r["own"]]
         assert len(set(in_tree + own)) == len(in_tree) + len(own)  # no id both in the tree and request-owned
         assert set(in_tree + own) == set(self.held)
@@ -466,13 +468,7 @@ class RadixMachine(OracleMachine):
         (kept incrementally by the tree, never walked)."""
         if not hasattr(self, "tree"):
             return
-        unlocked = []
-        stack = [self.tree.root_node]
-        while stack:
-            node = stack.pop()
-            stack.extend(node.children.values())
-            if node is not self.tree.root_node and node.lock_ref == 0:
-                unlocked += [int(i) for i in node.value.tolist()]
+        unlocked = [int(i) for node in self.tree_nodes() if node.lock_ref == 0 for i in node.value.tolist()]
         want = [sum(1 for i in unlocked if l in self.held[i]) for l in range(self.L)]
         assert self.tree.layer_evictable() == want
 

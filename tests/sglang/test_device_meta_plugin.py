@@ -59,7 +59,7 @@ def test_end_of_prefill_host_facts_and_prune_stay_on_the_device(meta_state, monk
         r2t[1, :20] = ids.to(torch.int32)
         with monkeypatch.context() as m:  # the one host read of the batch: meta has no values to read
             m.setattr(torch.Tensor, "tolist", lambda self: [[20] * len(CAPS)])
-            assert held_counts_of(pool.mapping, r2t, [1], [20]) == [[20] * len(CAPS)]
+            assert held_counts_of(alloc, r2t, [1], [20]) == [[20] * len(CAPS)]
 
         class Host(DepthKVScoringMixin):
             pass

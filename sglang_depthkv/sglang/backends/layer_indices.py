@@ -84,12 +84,6 @@ class LayerIndexStreams:
             raise RuntimeError(f"layer {layer}: {what} (logical id {int(logical_ids[j])}) holds no slot at this layer")
 
     # --- CUDA graphs -------------------------------------------------------------------------------------
-    @staticmethod
-    def graph_nbytes(num_layers: int, max_bs: int, capacity: int, dtype: torch.dtype) -> int:
-        """Device bytes of ``alloc_graph``'s buffers."""
-        item = torch.empty((), dtype=dtype).element_size()
-        return num_layers * (4 * (max_bs + 1) + item * max(int(capacity), 1) + 4 * max_bs)
-
     def alloc_graph(self, max_bs: int, capacity: int) -> None:
         L = self.num_layers
         self.graph_indptr = torch.zeros((L, max_bs + 1), dtype=torch.int32, device=self.device)

@@ -53,15 +53,13 @@ class ForwardScoring:
         self.held_counts = held_counts  # entry index -> [L] held positions in [0, seq_len)
 
 
-def held_counts_of(mapping: torch.Tensor, req_to_token: torch.Tensor, rows: List[int], seq_lens: List[int],
-                   ) -> List[List[int]]:
-    """Per request ``[L]`` held counts of positions ``[0, seq_len)``: one reduction per request and
-    one host read for the whole batch (the only sync of end-of-prefill scoring). Transient memory:
-    one request's ``[L, seq_len]`` slots at a time."""
+def held_counts_of(allocator, req_to_token: torch.Tensor, rows: List[int], seq_lens: List[int]) -> List[List[int]]:
+    """Per request ``[L]`` held counts of positions ``[0, seq_len)``: one reduction per request
+    (``DepthKVAllocator.layer_held``) and one host read for the whole batch (the only sync of
+    end-of-prefill scoring). Transient memory: one request's ``[L, seq_len]`` slots at a time."""
     if not rows:
         return []
-    per_req = [(mapping[:, req_to_token[r, :n].long()] > 0).sum(dim=1) for r, n in zip(rows, seq_lens)]
-    return torch.stack(per_req).tolist()
+    return torch.stack([allocator.layer_held(req_to_token[r, :n]) for r, n in zip(rows, seq_lens)]).tolist()
 
 
 class DepthKVScoringMixin:
@@ -185,7 +183,7 @@ class DepthKVScoringMixin:
         self._install_hidden_hooks()
         pool = self.token_to_kv_pool
         pruning = [i for i, e in enumerate(entries) if e is not None and e.final and self._segment_prunes(e)]
-        counts = held_counts_of(pool.mapping, self.req_to_token_pool.req_to_token,
+        counts = held_counts_of(self.allocator, self.req_to_token_pool.req_to_token,
                                 [int(entries[i].req.req_pool_idx) for i in pruning], [seq[i] for i in pruning])
         new = [int(x) for x in forward_batch.extend_seq_lens_cpu]
         self._scoring = ForwardScoring(entries, pool.layer_num, seq, new, dict(zip(pruning, counts)))
@@ -229,8 +227,10 @@ class DepthKVScoringMixin:
             for i, entry in enumerate(scoring.entries):
                 m = scoring.new_lens[i]
                 if entry is not None:
-                    held_kv = (lambda i=i: self._held_kv(layer.layer_id, scoring.req_pool_idx[i], scoring.seq_lens[i],
-                                                         q.dtype, scoring.held_counts.get(i, [None] * (local + 1))[local]))
+                    counts = scoring.held_counts.get(i)  # None: the request does not prune (no observation)
+                    held_kv = (lambda i=i, counts=counts: self._held_kv(
+                        layer.layer_id, scoring.req_pool_idx[i], scoring.seq_lens[i], q.dtype,
+                        None if counts is None else counts[local]))
                     self._score_request(scoring, i, layer, q_[start:start + m].movedim(0, 1), start, m, held_kv)
                 start += m
         self._end_extend_layer(scoring, layer)
