@@ -1,9 +1,10 @@
 """The plugin's hot paths, each run once under a ``SyncCounter`` (``sync_count.py``) over a
 ``ServingState`` (``state.py``), calling the same functions the serving path calls:
 
-- ``decode_graph``: the step's ``alloc`` of the decoded tokens, replay-prep (``fill_graph`` + the
-  one-launch split-K counts, i.e. ``DepthKVTritonAttnBackend.init_forward_metadata_out_graph``
-  without decode-time pruning) and what the graph replays of the plugin (``set_kv_buffer`` per layer);
+- ``decode_graph``: the step's ``alloc`` of the decoded tokens, replay-prep (``fill_graph``, the
+  one-launch split-K counts and the write-slot gather, i.e.
+  ``DepthKVTritonAttnBackend.init_forward_metadata_out_graph`` without decode-time pruning) and what
+  the graph replays of the plugin (``set_kv_buffer`` per layer through the write slots);
 - ``decode_eager``: ``alloc``, the eager decode metadata (``check_held``, ``build``, splits, split-K
   buffers) and ``set_kv_buffer`` per layer;
 - ``request_finish``: a batch of finishing requests through ``DepthKVRadixCache.cache_finished_req``
@@ -73,17 +74,19 @@ def _kv(bs, seed):
     return k, k.clone()
 
 
-def _decode_step(counter, st, reqs, path, seed, metadata):
+def _decode_step(counter, st, reqs, path, seed, metadata, graph=False):
     """One decode step of ``reqs`` counted under ``path``: the step's ``alloc``, ``metadata(rpi,
     seq_lens, seq_lens_cpu, out)`` (the backend's per-step preparation) and ``set_kv_buffer`` per
-    layer."""
+    layer (``graph``: through the prepared write slots, as the captured writes)."""
     rpi, seq_cpu = _batch_tensors(st, reqs, counter)
     k, v = _kv(len(reqs), seed)
     with counter.count(path):
         out = _decode_step_alloc(st, reqs, rpi, seq_cpu)
         metadata(rpi, (seq_cpu + 1).to("cpu"), seq_cpu + 1, out)
+        st.pool.read_write_slots = graph
         for l in range(S.LAYERS):
             st.pool.set_kv_buffer(None, out, k, v, layer_id_override=l)
+        st.pool.read_write_slots = False
     for r in reqs:
         r.kv_committed_len += 1
     return out
@@ -100,8 +103,9 @@ def decode_graph(counter, st, reqs, graph_splits):
     def replay_prep(rpi, seq_lens, seq_cpu, out):
         _, _, kept = st.streams.fill_graph(rpi, seq_lens, len(reqs))
         _splits(graph_splits, kept)
+        st.pool.fill_write_slots(out, len(reqs))
 
-    return _decode_step(counter, st, reqs, "decode_graph", 1, replay_prep)
+    return _decode_step(counter, st, reqs, "decode_graph", 1, replay_prep, graph=True)
 
 
 def decode_eager(counter, st, reqs):

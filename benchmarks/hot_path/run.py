@@ -46,6 +46,7 @@ def count_paths(batch: int) -> dict:
             st.r2t.free(r)
         st.reqs, st.seq_lens = st.reqs[:batch], st.seq_lens[:batch]
         st.streams.alloc_graph(batch, batch * (PROMPT + 8))
+        st.pool.alloc_write_slots(batch)
         splits = torch.empty((S.LAYERS, batch), dtype=torch.int32, device="cpu")
         P.decode_graph(c, st, a, splits)
         P.decode_eager(c, st, a)
@@ -89,6 +90,7 @@ def host_ms_plugin(batch: int, reps: int) -> float:
     st = S.build_state(batch, PROMPT)
     reqs = S.add_requests(st, batch, PROMPT)
     st.streams.alloc_graph(batch, batch * (PROMPT + 8))
+    st.pool.alloc_write_slots(batch)
     splits = torch.empty((S.LAYERS, batch), dtype=torch.int32)
     rpi = torch.tensor([r.req_pool_idx for r in reqs])
     seq = torch.full((batch,), PROMPT + 1, dtype=torch.int64)
@@ -99,6 +101,7 @@ def host_ms_plugin(batch: int, reps: int) -> float:
         _, _, kept = st.streams.fill_graph(rpi, seq, batch)
         layer_kv_splits(splits, kept, num_head=S.Q_HEADS, num_kv_head=S.KV_HEADS, max_kv_splits=S.MAX_KV_SPLITS,
                         device_core_count=S.CORES)
+        st.pool.fill_write_slots(out, batch)
         return lambda: st.alloc.free(out)
 
     with kernel_bodies_skipped():
@@ -154,7 +157,8 @@ def markdown(records, command: str) -> str:
         lines.append(f"| {r['path']} | {r['layers']} | {r['batch']} | {syncs} | {kinds if syncs != '' else ''} | "
                      f"{ops} | {hm} | {ratio} |")
     lines += ["", "Host ms (decode_graph rows): the host work of one CUDA-graph decode step outside the graph, "
-              "plugin (`alloc` on every layer's stack, one index-stream launch pair, one split-K launch) vs "
+              "plugin (`alloc` on every layer's stack, one index-stream launch pair, one split-K launch, the "
+              "write-slot gather) vs "
               "vanilla SGLang (`alloc`, `kv_indptr` cumsum, one index launch, one split-K launch), Triton kernel "
               "bodies skipped, median of repeated steps on this CPU. It is not a whole decode step: the graph "
               "replay, sampling and the scheduler are the same on both sides and are not in either number.",
