@@ -243,7 +243,7 @@ def check_server_args(settings: DepthKVSettings, sa) -> None:
             raise DepthKVConfigError(flag, f"{g(name)} not supported with --kv-policy (single rank only for now)")
     if g("enable_dp_attention"):
         raise DepthKVConfigError("--enable-dp-attention", "not supported with --kv-policy")
-    on_cuda = str(g("device") or "").startswith("cuda")
+    on_cuda = is_cuda_device(g("device"))
     for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
         v = g(name)
         if v is not None and v not in SUPPORTED_ATTENTION_BACKENDS:

@@ -127,8 +127,9 @@ def shapes_of(kvc, settings, gate_hidden: bool = False) -> PluginShapes:
 
 def graph_max_bs(server_args) -> int:
     """Largest captured decode batch, 0 without decode CUDA graphs."""
-    if getattr(server_args, "disable_cuda_graph", False) or not str(getattr(server_args, "device", "")).startswith(
-            "cuda"):
+    from sglang_depthkv.sglang.config import is_cuda_device
+
+    if getattr(server_args, "disable_cuda_graph", False) or not is_cuda_device(getattr(server_args, "device", "")):
         return 0
     cfg = getattr(server_args, "cuda_graph_config", None)
     dec = getattr(cfg, "decode", None)
