@@ -22,4 +22,5 @@ def build_allocator_around(orig, self, *args, **kwargs):
         device=self.device,
         kvcache=kwargs["token_to_kv_pool"],
         need_sort=False,
+        exact_counts=self.ps is not None and self.ps.tp_size > 1,  # ranks schedule alike (allocator docstring)
     )

@@ -27,7 +27,9 @@ def build_token_to_kv_pool_around(orig, self, *args, **kwargs):
     sizes = kwargs["sizes"]
     conf = DepthKVPoolConfigurator(self, settings)
     plan = conf.plan_for_tokens(sizes.max_total_num_tokens)
-    table = plan.table(settings.policy, settings.budget)
+    from sglang_depthkv.sglang.tensor_parallel import rank_label
+
+    table = plan.table(settings.policy, settings.budget, rank_label(self.ps))
     logger.info("\n%s", table)
     mc = self.model_config
     from sglang.srt.runtime_context import get_parallel

@@ -113,11 +113,30 @@ class KVzipGates:
         moved.training = dict(self.training)
         return moved
 
+    def shard(self, heads: Sequence[int]) -> "KVzipGates":
+        """These gates restricted to the kv heads ``heads`` (a tensor-parallel rank's heads,
+        ``core.rank_sum.HeadShard.kv_heads()``): observations of that rank have only those heads."""
+        heads = [int(h) for h in heads]
+        kvh = self.identity.num_key_value_heads
+        if not heads or any(not 0 <= h < kvh for h in heads):
+            raise ValueError(f"gate shard heads {heads} outside the gates' {kvh} kv heads")
+        idx = torch.tensor(heads, dtype=torch.int64, device=self.weight.device)
+        part = copy.copy(self)
+        part.weight = self.weight.index_select(1, idx)
+        part.bias = self.bias.index_select(1, idx)
+        part.training = dict(self.training)
+        return part
+
+    @property
+    def num_kv_heads(self) -> int:
+        """kv heads these gates score (all of the model's, or a shard's)."""
+        return int(self.weight.shape[1])
+
     def logits(self, obs: LayerObservation) -> torch.Tensor:
         if not 0 <= obs.layer < self.identity.num_layers:
             raise ValueError(f"observation layer {obs.layer} outside the gates' {self.identity.num_layers} layers")
-        if obs.num_kv_heads != self.identity.num_key_value_heads:
-            raise ValueError(f"observation has {obs.num_kv_heads} kv heads, gates {self.identity.num_key_value_heads}")
+        if obs.num_kv_heads != self.num_kv_heads:
+            raise ValueError(f"observation has {obs.num_kv_heads} kv heads, gates {self.num_kv_heads}")
         if self.weight.device != obs.keys.device:
             raise ValueError(f"gates on {self.weight.device}, observation on {obs.keys.device}: move them once "
                              "with KVzipGates.to(device)")

@@ -4,7 +4,9 @@
 SGLang path take for one request at the end of its prefill:
 
 1. if ``n <= sinks + window`` (or the budget is 1): keep everything;
-2. per layer ``scores_l = protect(token_scores(scorer.score(obs_l)), sinks, window)``;
+2. per layer ``scores_l = protect(token_scores(scorer.score(obs_l)), sinks, window)``; under tensor
+   parallelism the ``[L, n]`` token scores are first summed over the ranks (``score_sum``, a
+   ``core.rank_sum.RankScoreSum``), so every rank selects from the same totals;
 3. ``k = allocator.allocate(n, L, budget, sinks, window, layer_scores)`` (scores only passed to
    score-dependent allocators), ``Σ k == total_keep`` exactly;
 4. ``keep_l = select_top(scores_l, k_l)`` (ascending positions, the shared tie rule).
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -32,6 +34,7 @@ from .scorers.full import FullScorer
 from .scorers.laprox import LaProxScorer
 from .scorers.snapkv import SnapKVScorer
 from .scorers.streaming_llm import StreamingLLMScorer
+from . import selection
 from .selection import protect, select_top, token_scores
 from .types import LayerObservation
 
@@ -58,6 +61,8 @@ class PrunePolicy:
     budget: float
     sinks: int = 4
     window: int = 32
+    # tensor parallelism: [L, n] partial token scores -> the sum over ranks (None: a single rank)
+    score_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     def __post_init__(self):
         if not isinstance(self.scorer, Scorer):
@@ -88,9 +93,13 @@ class PrunePolicy:
         return self.allocator.allocate(n, L, self.budget, self.sinks, self.window)
 
     def layer_scores(self, observations: Sequence[LayerObservation]) -> torch.Tensor:
-        """``[L, n]`` protected token scores (float32)."""
-        return torch.stack([protect(token_scores(self.scorer.score(o)), self.sinks, self.window)
-                            for o in observations])
+        """``[L, n]`` protected token scores (float32), summed over tensor-parallel ranks first when
+        ``score_sum`` is set. One NaN check, on the total (a NaN on one rank reaches every rank)."""
+        raw = torch.stack([token_scores(self.scorer.score(o), check_nan=False) for o in observations])
+        if self.score_sum is not None:
+            raw = self.score_sum(raw)
+        selection.check_no_nan(raw, "token_scores")
+        return torch.stack([protect(raw[l], self.sinks, self.window) for l in range(raw.shape[0])])
 
     def select(self, observations: Sequence[LayerObservation]) -> list[torch.Tensor]:
         """Kept positions per layer (ascending int64, on the observations' device), one tensor per

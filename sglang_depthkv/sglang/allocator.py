@@ -26,6 +26,11 @@ takes it once the event has completed (plus the exact changes made since). A cal
 than the lower bound (``alloc`` short by it) waits for the copy: one host sync, only under memory
 pressure with a free still in flight. On CPU the copy is complete at once, so every count is exact.
 
+Under tensor parallelism (``exact_counts=True``) every read waits for the snapshot: each rank's
+scheduler decides admission and retraction from these counts on its own, and a lower bound that
+depends on when a copy completed could differ between ranks and split their batches. Exact counts
+cost one host sync per read after a free, on the GPU only.
+
 Page size 1 only (the plugin refuses ``--page-size`` > 1 at start-up).
 """
 
@@ -41,7 +46,8 @@ from sglang_depthkv.sglang.pool import DepthKVPool
 
 
 class DepthKVAllocator(TokenToKVPoolAllocator):
-    def __init__(self, size: int, dtype: torch.dtype, device: str, kvcache: DepthKVPool, need_sort: bool = False):
+    def __init__(self, size: int, dtype: torch.dtype, device: str, kvcache: DepthKVPool, need_sort: bool = False,
+                 exact_counts: bool = False):
         if not isinstance(kvcache, DepthKVPool):
             raise TypeError(f"DepthKVAllocator needs a DepthKVPool, got {type(kvcache).__name__}")
         if kvcache.size != size:
@@ -58,6 +64,7 @@ class DepthKVAllocator(TokenToKVPoolAllocator):
         self._off = torch.tensor(self._offsets[:-1], dtype=torch.int64).to(device)
         self._top = torch.zeros(self.num_layers, dtype=torch.int64, device=device)
         self._on_cuda = torch.device(device).type == "cuda"
+        self.exact_counts = bool(exact_counts)  # every host count read waits for the snapshot (module docstring)
         self._snap = torch.zeros(self.num_layers, dtype=torch.int64, pin_memory=self._on_cuda)
         super().__init__(size, dtype, device, kvcache, need_sort)  # calls clear()
 
@@ -96,7 +103,9 @@ class DepthKVAllocator(TokenToKVPoolAllocator):
 
     def _poll(self, wait: bool = False) -> None:
         """Take the snapshot if its copy has completed (``wait``: wait for it, queueing one if a free
-        is not covered yet); a free made after it was queued queues the next one."""
+        is not covered yet; always under ``exact_counts``); a free made after it was queued queues the
+        next one."""
+        wait = wait or self.exact_counts
         if wait and self._dirty and self._pending is None:
             self._queue_snapshot()
         while self._pending is not None:

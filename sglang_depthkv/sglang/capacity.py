@@ -58,10 +58,11 @@ class CapacityPlan:
     def total_bytes(self) -> int:
         return self.kv_bytes() + self.metadata_bytes() + self.plugin_bytes()
 
-    def table(self, policy: str, budget: float) -> str:
-        """One table: layer, keep fraction, capacity tokens, GiB, then the logical capacity."""
+    def table(self, policy: str, budget: float, ranks: str = "") -> str:
+        """One table: layer, keep fraction, capacity tokens, GiB, then the logical capacity.
+        ``ranks``: which tensor- / data-parallel rank's table it is (``tensor_parallel.rank_label``)."""
         lines = [
-            f"sglang-depthkv capacity: policy={policy} budget={budget:g} headroom={self.headroom} tokens/layer",
+            f"sglang-depthkv capacity: policy={policy} budget={budget:g} headroom={self.headroom} tokens/layer{ranks}",
             f"{'layer':>5} {'fraction':>9} {'capacity':>12} {'GiB':>9}",
         ]
         for l, (f, c) in enumerate(zip(self.fractions, self.capacities)):

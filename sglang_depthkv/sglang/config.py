@@ -44,6 +44,11 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCaus
 _MODEL_DTYPE_KV = ("auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", None)
 
 
+_PP_WHY = ("a pipeline stage holds only its own layers, while the global top-k (laprox, kvzip) and the "
+           "per-request keep decision span every layer; the stages would have to exchange scores at each "
+           "prefill, which the plugin does not do")
+_DP_ATTENTION_WHY = ("DP attention runs every rank's forward in lockstep, with idle batches on ranks "
+                     "without requests; the plugin's per-forward scoring hooks do not handle those")
 _LAPROX_WHY = "LaProx reads o_proj.weight as a float matrix; quantized weights have other layouts"
 
 
@@ -237,12 +242,11 @@ def check_server_args(settings: DepthKVSettings, sa) -> None:
     if g("enable_hierarchical_cache"):
         raise DepthKVConfigError("--enable-hierarchical-cache", "not supported with --kv-policy (host pools mirror a "
                                  "uniform per-layer slot layout)")
-    for name in ("tp_size", "pp_size", "dp_size"):
-        if (g(name) or 1) > 1:
-            flag = "--" + name.replace("_", "-")
-            raise DepthKVConfigError(flag, f"{g(name)} not supported with --kv-policy (single rank only for now)")
+    if (g("pp_size") or 1) > 1:
+        raise DepthKVConfigError("--pp-size", f"{g('pp_size')} not supported with --kv-policy ({_PP_WHY})")
     if g("enable_dp_attention"):
-        raise DepthKVConfigError("--enable-dp-attention", "not supported with --kv-policy")
+        raise DepthKVConfigError("--enable-dp-attention", f"not supported with --kv-policy ({_DP_ATTENTION_WHY}); "
+                                 "plain --dp-size replicas and --tp-size are supported")
     on_cuda = is_cuda_device(g("device"))
     for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
         v = g(name)

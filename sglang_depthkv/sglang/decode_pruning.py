@@ -33,7 +33,6 @@ finished): at most ``I + w - 1`` tokens at the end of a request stay unpruned on
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -41,7 +40,7 @@ from typing import List, Optional
 import torch
 
 from sglang_depthkv.core.types import LayerObservation
-from sglang_depthkv.sglang.pruning import DUMP_ENV
+from sglang_depthkv.sglang.pruning import DUMP_ENV, write_dump_rows
 
 STATE_ATTR = "_depthkv_decode_state"
 
@@ -157,10 +156,7 @@ def prune_segment(st: DecodeState, policy, interval: int, req, req_to_token, poo
         if st.hidden[l] is not None:
             st.hidden[l] = st.hidden[l][interval:]
     st.settled += interval
-    path = os.environ.get(DUMP_ENV)
-    if path:
-        with open(path, "a") as f:
-            for l, d in enumerate(dropped):
-                f.write(json.dumps({"rid": str(req.rid), "event": "decode", "fed": st.fed, "source": source,
-                                    "layer": l, "dropped": [int(lo + x) for x in d.tolist()],
-                                    "freed": freed[l]}) + "\n")
+    if os.environ.get(DUMP_ENV):
+        write_dump_rows([{"rid": str(req.rid), "event": "decode", "fed": st.fed, "source": source, "layer": l,
+                          "dropped": [int(lo + x) for x in d.tolist()], "freed": freed[l]}
+                         for l, d in enumerate(dropped)])

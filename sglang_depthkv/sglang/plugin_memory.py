@@ -107,16 +107,18 @@ def total(items: Items) -> int:
 
 
 def shapes_of(kvc, settings, gate_hidden: bool = False) -> PluginShapes:
-    """The shapes of a ``KVCacheConfigurator`` (SGLang's) and the plugin's settings."""
+    """The shapes of a ``KVCacheConfigurator`` (SGLang's) and the plugin's settings, per rank: under
+    tensor parallelism a rank scores and stores only its own query / kv heads."""
     sa, mc = kvc.server_args, kvc.model_config
+    tp = int(kvc.ps.attn_tp_size) if kvc.ps is not None else 1
     hf = mc.hf_config
     kv_bytes = kvc.kv_cache_dtype.itemsize if hasattr(kvc.kv_cache_dtype, "itemsize") else 2
     act_bytes = kvc.model_dtype.itemsize if hasattr(kvc.model_dtype, "itemsize") else 2
     context = int(mc.context_len)
     chunk = getattr(sa, "chunked_prefill_size", None)
     return PluginShapes(
-        num_layers=int(kvc.layer_info.num_effective_layers), q_heads=int(mc.num_attention_heads),
-        kv_heads=int(mc.get_num_kv_heads(1)), head_dim=int(mc.head_dim), hidden_size=int(hf.hidden_size),
+        num_layers=int(kvc.layer_info.num_effective_layers), q_heads=int(mc.num_attention_heads) // tp,
+        kv_heads=int(mc.get_num_kv_heads(tp)), head_dim=int(mc.head_dim), hidden_size=int(hf.hidden_size),
         context_len=context, kv_bytes=int(kv_bytes), act_bytes=int(act_bytes),
         graph_max_bs=graph_max_bs(sa),
         prefill_chunk=int(chunk) if chunk and chunk > 0 else context, window=int(settings.window),

@@ -121,17 +121,39 @@ def apply_prune(allocator, req_to_token: torch.Tensor, req_pool_idx: int, record
     record.freed = allocator.prune("all", ids)
 
 
-def dump_keep(record: PruneRecord, path: Optional[str] = None) -> None:
+_DUMP_TAGS: dict = {}  # fields added to every dump row of this process (its tp / dp rank)
+
+
+def tag_dumps(**tags) -> None:
+    """Add ``tags`` to every dump row this process writes (the backend tags its ranks)."""
+    _DUMP_TAGS.update(tags)
+
+
+def write_dump_rows(rows: Sequence[dict], path: Optional[str] = None) -> None:
+    """Append ``rows`` as JSON lines to ``path`` (default: ``$SGLANG_DEPTHKV_DUMP_KEEP``; nothing when
+    unset), in one ``O_APPEND`` write so the rows of several rank processes sharing the file never
+    interleave."""
     path = path if path is not None else os.environ.get(DUMP_ENV)
-    if not path:
+    if not path or not rows:
         return
-    with open(path, "a") as f:
-        for layer in range(len(record.freed)):
-            kept = (list(range(record.own_lo, record.seq_len)) if record.keep is None
-                    else [int(p) for p in record.keep[layer].tolist()])
-            f.write(json.dumps({"rid": record.rid, "own_lo": record.own_lo, "seq_len": record.seq_len,
-                                "layer": layer, "pruned": record.keep is not None, "kept": kept,
-                                "freed": record.freed[layer]}) + "\n")
+    data = "".join(json.dumps({**r, **_DUMP_TAGS}) + "\n" for r in rows).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def dump_keep(record: PruneRecord, path: Optional[str] = None) -> None:
+    if not (path if path is not None else os.environ.get(DUMP_ENV)):
+        return
+    rows = []
+    for layer in range(len(record.freed)):
+        kept = (list(range(record.own_lo, record.seq_len)) if record.keep is None
+                else [int(p) for p in record.keep[layer].tolist()])
+        rows.append({"rid": record.rid, "own_lo": record.own_lo, "seq_len": record.seq_len, "layer": layer,
+                     "pruned": record.keep is not None, "kept": kept, "freed": record.freed[layer]})
+    write_dump_rows(rows, path)
 
 
 def own_token_scores(per_layer: Sequence[torch.Tensor]) -> torch.Tensor:

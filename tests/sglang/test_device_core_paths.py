@@ -208,7 +208,9 @@ def test_build_policy_moves_gates_to_the_model_device(tmp_path):
     path = save_gates(gates(), tmp_path / "gates.safetensors")
     hf = SimpleNamespace(num_attention_heads=QH, num_hidden_layers=L, num_key_value_heads=KVH, head_dim=D,
                          hidden_size=HID, architectures=["LlamaForCausalLM"])
-    runner = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf), device="meta")
+    from sglang.srt.distributed.parallel_state_wrapper import ParallelState
+
+    runner = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf), device="meta", ps=ParallelState.trivial())
     settings = SimpleNamespace(policy="kvzip", budget=0.4, profile=None, gates=str(path), sinks=SINKS, window=W)
     pol = build_policy(settings, runner)
     assert pol.scorer.gates.weight.device == META and pol.scorer.gates.bias.device == META

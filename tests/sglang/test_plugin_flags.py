@@ -182,13 +182,21 @@ def test_cli_unknown_policy_is_an_argparse_error(plugins, llama, capsys):
         (["--kv-policy", "full", "--attention-backend", "flashinfer"], "--attention-backend"),
         (["--kv-policy", "full", "--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
         (["--kv-policy", "full", "--speculative-algorithm", "NGRAM"], "--speculative-algorithm"),
-        (["--kv-policy", "full", "--tp-size", "2"], "--tp-size"),
+        (["--kv-policy", "full", "--pp-size", "2"], "--pp-size"),
+        (["--kv-policy", "snapkv", "--kv-budget", "0.3", "--tp-size", "2", "--dp-size", "2", "--enable-dp-attention"],
+         "--enable-dp-attention"),
         (["--kv-policy", "snapkv", "--kv-budget", "0.01", "--context-length", "1000"], "--kv-budget"),
     ],
 )
 def test_cli_refuses(plugins, llama, flags, flag):
     e = refused(cli, llama, *flags)
     assert str(e).startswith(flag + ":"), str(e)
+
+
+def test_cli_accepts_tensor_and_data_parallel(plugins, llama):
+    """Plain ``--tp-size`` / ``--dp-size`` pass start-up validation (no DP attention)."""
+    sa = cli(llama, "--kv-policy", "snapkv", "--kv-budget", "0.3", "--tp-size", "2", "--dp-size", "2")
+    assert (sa.tp_size, sa.dp_size, sa._depthkv_settings.policy) == (2, 2, "snapkv")
 
 
 def test_cli_refuses_torch_compile(plugins, llama):

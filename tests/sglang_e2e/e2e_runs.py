@@ -1,7 +1,8 @@
 """Engine runs for the pruning end-to-end tests, executed in a subprocess (a dying SGLang child
 SIGKILLs its parent's process tree). Usage: python e2e_runs.py SPEC_JSON; prints one line
 ``RESULT {json}``. SPEC: {"runs": [{"name", "model", "engine_kwargs", "batches": [[{"rid", "ids"}...]...],
-"max_new_tokens"}]}. Each batch is sent as one ``generate`` call (requests of one batch are
+"max_new_tokens", "env"?}]} (``env``: variables set for that run only, e.g. SGLang's CPU thread binding of
+tensor-parallel ranks). Each batch is sent as one ``generate`` call (requests of one batch are
 scheduled together); the per-layer keep sets are read back from ``SGLANG_DEPTHKV_DUMP_KEEP``."""
 
 import json
@@ -17,10 +18,23 @@ from sglang_depthkv.sglang.pruning import DUMP_ENV  # noqa: E402
 
 
 def run_one(run, tmp):
-    import sglang
-
     dump = os.path.join(tmp, run["name"] + ".keep.jsonl")
     os.environ[DUMP_ENV] = dump  # inherited by the spawned scheduler
+    saved = {k: os.environ.get(k) for k in run.get("env", {})}
+    os.environ.update(run.get("env", {}))
+    try:
+        return _run_engine(run, dump)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run_engine(run, dump):
+    import sglang
+
     kw = dict(device="cpu", skip_tokenizer_init=True, disable_cuda_graph=True, dtype="float32",
               max_total_tokens=4096, max_running_requests=8, mem_fraction_static=0.3,
               custom_sigquit_handler=_sigquit, log_level="error")

@@ -57,6 +57,7 @@ def output_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, num_q_heads:
 class LaProxScorer(Scorer):
     name = "laprox"
     query_agnostic = False
+    sums_query_heads = True
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         check_query_observation(obs, "LaProxScorer")

@@ -32,6 +32,7 @@ from .window_attention import check_query_observation, window_attention_mean
 class SnapKVScorer(Scorer):
     name = "snapkv"
     query_agnostic = False
+    sums_query_heads = True
 
     def __init__(self, pool_kernel: int = 5):
         if isinstance(pool_kernel, bool) or int(pool_kernel) != pool_kernel or pool_kernel < 1 or pool_kernel % 2 == 0:

@@ -81,6 +81,8 @@ class DepthKVScoringMixin:
         from sglang_depthkv.sglang.config import settings_of
 
         settings = settings_of(model_runner.server_args)
+        ps = model_runner.ps
+        P.tag_dumps(tp_rank=int(ps.tp_rank), dp_rank=None if ps.dp_rank is None else int(ps.dp_rank))
         if settings is not None and settings.prunes:
             self.policy = build_policy(settings, model_runner)
             self.decode_interval = int(settings.decode_interval)
@@ -250,8 +252,10 @@ class DepthKVScoringMixin:
         if own:  # one NaN check and (global top-k) one read of the keep counts for the whole batch
             from sglang_depthkv.core.selection import check_no_nan
 
-            check_no_nan(torch.cat([s.reshape(-1) for s in own.values()]), "DepthKV token scores")
             order = list(own)
+            if self.policy.score_sum is not None:  # tensor parallelism: one all-gather for the batch
+                own = dict(zip(order, self.policy.score_sum.sum_many([own[i] for i in order])))
+            check_no_nan(torch.cat([s.reshape(-1) for s in own.values()]), "DepthKV token scores")
             keeps = dict(zip(order, P.select_own_many(
                 self.policy, [(own[i], scoring.entries[i].own_lo) for i in order])))
         for i, entry in enumerate(scoring.entries):
@@ -332,11 +336,16 @@ def host_seq_lens(forward_batch, n: int) -> List[int]:
 
 def build_policy(settings, model_runner):
     """The core ``PrunePolicy`` of the ``--kv-*`` settings (profile / gates loaded against the model;
-    the gates moved once to the model's device, where the observations live)."""
+    the gates moved once to the model's device, where the observations live). Under tensor
+    parallelism the gates are cut to this rank's kv heads and the policy sums token scores over the
+    ranks (``tensor_parallel.py``)."""
     from sglang_depthkv.core.policy import make_policy
     from sglang_depthkv.core.types import ModelIdentity
 
+    from sglang_depthkv.sglang.tensor_parallel import head_shard, rank_score_sum
+
     identity = ModelIdentity.from_hf_config(model_runner.model_config.hf_config)
+    shard = head_shard(model_runner)
     profile = gates = None
     if settings.profile is not None:
         from sglang_depthkv.core.profile import load_profile
@@ -346,5 +355,10 @@ def build_policy(settings, model_runner):
         from sglang_depthkv.core.gates import load_gates
 
         gates = load_gates(settings.gates, identity).to(model_runner.device)
-    return make_policy(settings.policy, settings.budget, profile=profile, gates=gates, sinks=settings.sinks,
-                       window=settings.window)
+        if shard is not None:
+            gates = gates.shard(shard.kv_heads())
+    policy = make_policy(settings.policy, settings.budget, profile=profile, gates=gates, sinks=settings.sinks,
+                         window=settings.window)
+    if shard is not None:
+        policy.score_sum = rank_score_sum(shard, policy.scorer)
+    return policy
