@@ -1,4 +1,4 @@
-"""Serving throughput of vanilla SGLang vs the sglang-depthkv plugin (issue 8), measured with SGLang's
+"""Serving throughput of vanilla SGLang vs the sglang-depthkv plugin, measured with SGLang's
 own benchmark client against real SGLang servers, all with the same flags except the ``--kv-*`` ones.
 
     python -m benchmarks.serving --preset cpu-tiny        # functional run on this CPU machine

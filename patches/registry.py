@@ -33,6 +33,7 @@ HOOKS = (
      "pruning:forward_batch_init_new_after"),
     ("sglang.srt.managers.tp_worker.TpModelWorker.get_worker_info", "AROUND", "request_limits:get_worker_info_around"),
     ("sglang.srt.managers.scheduler.Scheduler.flush_cache", "AROUND", "flush_check:flush_cache_around"),
+    ("sglang.srt.managers.scheduler.Scheduler.get_internal_state", "AFTER", "server_info:get_internal_state_after"),
 )
 
 HOOK_TARGETS = tuple(t for t, _, _ in HOOKS)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU session's one command (issue 8). On the lent GPU machine, with the SGLang bundle carried
-# (`bash ../shared/gpu/make-bundle.sh` here first; see ../shared/gpu/README.md):
+# Every GPU check of the project in one command, for a GPU machine without network. It needs the
+# offline SGLang 0.5.17 bundle in .gpu/ (built beforehand by the shared bundle script), then:
 #
-#   run(carry=[".gpu"], timeout_s=600, command="bash benchmarks/gpu/run_all.sh")
+#   bash benchmarks/gpu/run_all.sh
 #
 # Stages, each under its own timeout, inside one wall-clock budget (BUDGET_S, default 560 s):
 #   smoke     the bundle's smoke command (dummy Llama-3.1-8B, one /generate; pays the flashinfer JIT)

@@ -25,19 +25,19 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .reference import PrunedCache, ReferenceModel
-from .scorers.laprox import LaProxScorer
-from .scorers.snapkv import SnapKVScorer
-from .scorers.streaming_llm import StreamingLLMScorer
+from .scorers import PROFILE_SCORERS, profile_scorer
 
-SCORERS = {"snapkv": SnapKVScorer, "streamingllm": StreamingLLMScorer, "laprox": LaProxScorer}
+SCORERS = PROFILE_SCORERS
 METRIC = "kl_next_token"
 
 
 def make_scorer(name: str):
-    """A calibration scorer by name (query-dependent scorers that need no extra files)."""
-    if name not in SCORERS:
-        raise ValueError(f"--scorer {name!r} is not usable for calibration; choose one of {', '.join(SCORERS)}")
-    return SCORERS[name]()
+    """A calibration scorer by name (scorers that need no extra files); the profile records it and
+    DepthKV serves with the same one."""
+    try:
+        return profile_scorer(name)
+    except ValueError as e:
+        raise ValueError(f"--scorer: {e}") from None
 
 
 def keep_count(n: int, fraction: float, sinks: int, window: int) -> int:

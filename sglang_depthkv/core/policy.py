@@ -13,7 +13,8 @@ SGLang path take for one request at the end of its prefill:
 
 Named policies (``make_policy``): ``full`` (budget forced to 1), ``streamingllm`` (uniform +
 recency), ``snapkv`` (uniform + SnapKV), ``pyramid`` (PyramidKV + SnapKV), ``depthkv`` (DepthKV
-profile + SnapKV), ``laprox`` (global top-k + LaProx), ``kvzip`` (global top-k + KVzip gates).
+profile + the scorer it was calibrated with, SnapKV by default), ``laprox`` (global top-k +
+LaProx), ``kvzip`` (global top-k + KVzip gates).
 ``profile`` / ``gates`` are only used by ``depthkv`` / ``kvzip`` and ignored by the others (so one
 call site can build every policy with the same arguments).
 """
@@ -148,7 +149,10 @@ def make_policy(name: str, budget: float, *, profile: Optional[SensitivityProfil
             raise ValueError("policy 'depthkv' needs a sensitivity profile (profile=load_profile(...))")
         if not isinstance(profile, SensitivityProfile):
             raise ValueError(f"policy 'depthkv': profile must be a SensitivityProfile, got {type(profile).__name__}")
-        return PrunePolicy(name, SnapKVScorer(), DepthKVAllocator(profile), budget, sinks, window)
+        from .scorers import profile_scorer
+
+        # the scorer the profile was calibrated with: its sensitivities measured that scorer's pruning
+        return PrunePolicy(name, profile_scorer(profile.scorer), DepthKVAllocator(profile), budget, sinks, window)
     if name == "laprox":
         return PrunePolicy(name, LaProxScorer(), GlobalTopKAllocator(), budget, sinks, window)
     # kvzip

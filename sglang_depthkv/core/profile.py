@@ -91,8 +91,13 @@ class SensitivityProfile:
     def validate(self, where: str) -> None:
         """Normalise the fields (floats, lists) and raise ProfileError naming the first problem."""
         self.model = _check_identity(self.model, where)
+        from .scorers import PROFILE_SCORERS
+
         if not isinstance(self.scorer, str) or not self.scorer:
             raise ProfileError(f"{where}: 'scorer' must be a non-empty string, got {self.scorer!r}")
+        if self.scorer not in PROFILE_SCORERS:
+            raise ProfileError(f"{where}: 'scorer' {self.scorer!r} is not one DepthKV calibrates and serves with "
+                               f"({', '.join(PROFILE_SCORERS)})")
         if not isinstance(self.metric, str) or not self.metric:
             raise ProfileError(f"{where}: 'metric' must be a non-empty string, got {self.metric!r}")
         if not isinstance(self.calibration, dict):

@@ -166,7 +166,7 @@ def policy_layer_fractions(settings, num_layers: int, hf_config=None) -> List[fl
         return [1.0] * num_layers
     if settings.policy in ("laprox", "kvzip", "snapkv", "streamingllm"):
         return [b] * num_layers
-    from sglang_depthkv.core import budgets  # the core's allocators (issue 2)
+    from sglang_depthkv.core import budgets  # the core's allocators
 
     if settings.policy == "pyramid":
         alloc = budgets.PyramidAllocator()

@@ -33,6 +33,7 @@ KWARG_TO_FLAG = {
     "kv_decode_interval": "--kv-decode-interval",
 }
 
+DEFAULT_BUDGET = 0.3  # --kv-budget when not given (every policy but full)
 DEFAULT_SINKS = 4
 DEFAULT_WINDOW = 32
 DEFAULT_DECODE_INTERVAL = 0  # 0: prune at the end of prefill only
@@ -81,8 +82,8 @@ def add_cli_flags(parser) -> None:
     g.add_argument("--kv-policy", dest="kv_policy", choices=POLICY_CHOICES, default=None,
                    help="Per-layer KV pruning policy. Unset: vanilla SGLang (the plugin does nothing).")
     g.add_argument("--kv-budget", dest="kv_budget", type=float, default=None,
-                   help="Global KV budget in (0, 1]: fraction of all (layer, token) KV slots kept. "
-                        "Required unless --kv-policy full (which keeps everything).")
+                   help="Global KV budget in (0, 1]: fraction of all (layer, token) KV slots kept "
+                        f"(default {DEFAULT_BUDGET}; --kv-policy full keeps everything).")
     g.add_argument("--kv-profile", dest="kv_profile", default=None,
                    help="DepthKV sensitivity profile JSON (required by --kv-policy depthkv).")
     g.add_argument("--kv-gates", dest="kv_gates", default=None,
@@ -135,7 +136,7 @@ def parse_settings(raw: Mapping[str, Any]) -> Optional[DepthKVSettings]:
             raise DepthKVConfigError("--kv-budget", f"--kv-policy full keeps every token; budget must be 1.0, got {budget}")
         budget = 1.0
     if budget is None:
-        raise DepthKVConfigError("--kv-budget", f"required with --kv-policy {policy} (a number in (0, 1])")
+        budget = DEFAULT_BUDGET
     if isinstance(budget, bool) or not isinstance(budget, (int, float)):
         raise DepthKVConfigError("--kv-budget", f"must be a number in (0, 1], got {budget!r}")
     budget = float(budget)

@@ -98,6 +98,31 @@ def test_snapkv_selection_is_top_of_scores():
         assert k.tolist() == ref
 
 
+@pytest.mark.parametrize("scorer, other", [("laprox", SnapKVScorer), ("snapkv", LaProxScorer)])
+def test_depthkv_serves_with_the_scorer_its_profile_was_calibrated_with(scorer, other):
+    """The profile's sensitivities measured one scorer's pruning: DepthKV keeps by that scorer's
+    scores (float64 brute force per layer at the DepthKV keep counts), not another's."""
+    n, sinks, window = 40, 1, 8
+    prof = profile()
+    prof.scorer = scorer
+    pol = make_policy("depthkv", 0.4, profile=prof, sinks=sinks, window=window)
+    assert type(pol.scorer).__name__ == {"laprox": "LaProxScorer", "snapkv": "SnapKVScorer"}[scorer]
+    obs = observations(n, seed=5)
+    keep = pol.select(obs)
+
+    def brute(sc):
+        out = []
+        for o, k in zip(obs, keep):
+            s = sc.score(o).double().sum(0)
+            s[:sinks] = float("inf")
+            s[n - window:] = float("inf")
+            out.append(sorted(sorted(range(n), key=lambda t: (-s[t].item(), t))[: k.numel()]))
+        return out
+
+    assert [k.tolist() for k in keep] == brute(type(pol.scorer)())
+    assert [k.tolist() for k in keep] != brute(other())
+
+
 def test_full_keeps_everything_and_budget_forced():
     p = make_policy("full", 0.2)
     assert p.budget == 1.0

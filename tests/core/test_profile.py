@@ -80,6 +80,7 @@ def mutate(key, value):
     (mutate("model", {"num_layers": 3}), "model' is missing"),
     (mutate("model", dict(good_doc()["model"], num_layers=0)), "model.num_layers"),
     (mutate("scorer", ""), "scorer"),
+    (mutate("scorer", "kvzip"), "'scorer' 'kvzip' is not one DepthKV calibrates and serves with"),
     ([1, 2], "JSON object"),
 ])
 def test_bad_files(tmp_path, doc, match):

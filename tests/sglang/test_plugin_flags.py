@@ -80,7 +80,6 @@ def refused(build, *args) -> DepthKVConfigError:
     "raw, flag",
     [
         ({"kv_policy": "bogus", "kv_budget": 0.5}, "--kv-policy"),
-        ({"kv_policy": "snapkv"}, "--kv-budget"),
         ({"kv_policy": "snapkv", "kv_budget": 0.0}, "--kv-budget"),
         ({"kv_policy": "snapkv", "kv_budget": 1.5}, "--kv-budget"),
         ({"kv_policy": "snapkv", "kv_budget": -0.1}, "--kv-budget"),
@@ -110,6 +109,7 @@ def test_parse_settings_defaults():
     assert parse_settings({}) is None
     s = parse_settings({"kv_policy": "full"})
     assert (s.policy, s.budget, s.sinks, s.window, s.decode_interval) == ("full", 1.0, 4, 32, 0)
+    assert parse_settings({"kv_policy": "snapkv"}).budget == 0.3  # the documented default budget
     s = parse_settings({"kv_policy": "streamingllm", "kv_budget": 0.25, "kv_window": 8, "kv_sinks": 2})
     assert (s.budget, s.window, s.sinks) == (0.25, 8, 2)
     s = parse_settings({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_window": 0})  # prefill-only pruning

@@ -12,7 +12,7 @@ import tempfile
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sglang"))
-from engine_runs import _sigquit  # noqa: E402  (engineer I's runner: same SIGQUIT handling)
+from engine_runs import _sigquit  # noqa: E402  (the Engine test runner's SIGQUIT handling)
 
 from sglang_depthkv.sglang.pruning import DUMP_ENV  # noqa: E402
 
@@ -50,6 +50,7 @@ def _run_engine(run, dump):
                                               "cached_tokens": g["meta_info"].get("cached_tokens"),
                                               "logprobs": [x[0] for x in g["meta_info"]["output_token_logprobs"]]}
                                    for r, g in zip(batch, res)})
+        out["server_info"] = [st.get("depthkv") for st in eng.get_server_info()["internal_states"]]
     finally:
         eng.shutdown()
     keep = []

@@ -12,7 +12,7 @@ per rank.
 
 Every rank prints its own capacity table (``tp=R/2`` / ``dp=D/2`` in its heading) and runs the
 per-layer idle invariant checks (``SGLANG_DEPTHKV_INVARIANT_LOG``: every line ok, one writer per
-scheduler process). SGLang's CPU engine needs ``SGLANG_CPU_OMP_THREADS_BIND`` (one core per TP rank)
+scheduler process); SGLang's ``/server_info`` reports the plugin's state for each DP rank. SGLang's CPU engine needs ``SGLANG_CPU_OMP_THREADS_BIND`` (one core per TP rank)
 when ``tp_size`` exceeds the NUMA nodes; the TP runs set it."""
 
 import json
@@ -119,3 +119,19 @@ def test_every_rank_ran_the_idle_invariant_checks(setup):
     idle = [r for r in setup["invariants"] if r["kind"] == "idle"]
     assert idle and all(r["ok"] for r in setup["invariants"]), [r["violations"] for r in setup["invariants"]]
     assert len({r["pid"] for r in idle}) >= 2 * (len(TP_RUNS) + len(DP_RUNS))  # one scheduler process per rank
+
+
+def test_server_info_reports_each_data_parallel_rank(setup):
+    """SGLang's ``/server_info`` (``Engine.get_server_info``): one internal state per DP rank, each with
+    the plugin's settings, per-layer capacities, logical capacity and request-length cap."""
+    for name, _, policy, budget, extra in TP_RUNS + DP_RUNS:
+        states = setup["res"][name]["server_info"]
+        dp = extra.get("dp_size", 1)
+        assert len(states) == dp and all(s is not None for s in states), name
+        assert sorted(s["dp_rank"] or 0 for s in states) == list(range(dp)), name
+        for s in states:
+            assert s["settings"]["policy"] == policy and s["settings"]["budget"] == budget
+            assert s["tp_size"] == extra.get("tp_size", 1) and s["dp_size"] == dp
+            caps = s["layer_capacities"]
+            assert len(caps) == len(s["layer_fractions"]) == 4 and max(caps) <= s["logical_capacity"]
+            assert s["max_req_len"] == min(min(caps) - 1, s["context_len"] - 1, s["logical_capacity"] - 1)

@@ -1,4 +1,4 @@
-"""benchmarks/serving.py (issue 8): the numbers it computes, checked against hand-computed values; the
+"""benchmarks/serving.py: the numbers it computes, checked against hand-computed values; the
 command lines of both presets; run_all.sh's syntax and stage commands; and one tiny end-to-end CPU
 run (real SGLang servers, SGLang's own client) whose JSON records must carry every required field."""
 
