@@ -34,6 +34,7 @@ def _attach(sa, settings) -> None:
     from sglang_depthkv.patches.registry import verify_applied
 
     verify_applied()
+    settings = C.resolve_profile(settings, sa)
     C.validate_all(settings, sa)
     object.__setattr__(sa, "_depthkv_settings", settings)
     log_startup_limits(settings)

@@ -18,8 +18,27 @@ def _fractions(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--keep-fractions must be comma-separated numbers: {exc}") from exc
 
 
+def _model_dir(text: str) -> str:
+    """A local model directory, or a Hugging Face id already in the local Hugging Face cache."""
+    if Path(text).is_dir():
+        return text
+    if Path(text).exists() or text.count("/") != 1:
+        raise argparse.ArgumentTypeError(f"{text}: not a directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(text, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - reported as the argument's error
+        raise argparse.ArgumentTypeError(
+            f"{text}: not a local directory, and not in the local Hugging Face cache ({type(exc).__name__}); "
+            "this command does not download: fetch the model first (e.g. `huggingface-cli download "
+            f"{text}`) or pass its directory") from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model directory (config.json + weights, or a GGUF file inside)")
+    p.add_argument("--model", required=True, type=_model_dir,
+                   help="HF model directory (config.json + weights, or a GGUF file inside), as --model-path takes it; "
+                        "a Hugging Face id is looked up in the local Hugging Face cache (nothing is downloaded)")
     p.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     p.add_argument("--text", default=None, help="UTF-8 text file to calibrate/train on")
     p.add_argument("--novel", default=None,
@@ -35,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cal = sub.add_parser("calibrate", help="per-layer sensitivity profile for DepthKV budgets")
     _add_model_args(cal)
-    cal.add_argument("--out", required=True, help="profile JSON to write")
+    cal.add_argument("--out", default=None,
+                     help="profile JSON to write (default: the model's entry in the profile cache, "
+                          "$SGLANG_DEPTHKV_CACHE/profiles or ~/.cache/sglang-depthkv/profiles, where "
+                          "--kv-policy depthkv finds it without --kv-profile)")
     cal.add_argument("--keep-fractions", type=_fractions, default=[0.1, 0.2, 0.3, 0.5])
     cal.add_argument("--context-tokens", type=int, default=1024)
     cal.add_argument("--continuation-tokens", type=int, default=64)
@@ -124,8 +146,20 @@ def cmd_calibrate(args) -> int:
                        window=args.window, sinks=args.sinks, progress=True)
     result.settings["text"] = source
     result.settings["tokenizer"] = args.tokenizer
-    path = write_profile(result, ref.identity, args.scorer, args.out)
-    print(f"wrote {path}: {ref.num_layers} layers x {len(result.keep_fractions)} keep fractions")
+    if args.out is None:
+        from .core.profile_cache import cached_profile_path
+
+        try:
+            out = cached_profile_path(args.model, args.scorer)
+        except ValueError as e:
+            raise ValueError(f"--out not given, and the profile cache needs an HF directory: {e}; pass --out") from e
+        out.parent.mkdir(parents=True, exist_ok=True)
+        where = "; --kv-policy depthkv uses it for this model without --kv-profile"
+    else:
+        out, where = args.out, ""
+    path = write_profile(result, ref.identity, args.scorer, out)
+    print(f"wrote {path}: {ref.num_layers} layers x {len(result.keep_fractions)} keep fractions, "
+          f"scorer {args.scorer}{where}")
     return 0
 
 

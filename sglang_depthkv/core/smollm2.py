@@ -44,7 +44,9 @@ class SmolLM2Error(ValueError):
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SGLANG_DEPTHKV_CACHE", Path.home() / ".cache" / "sglang-depthkv"))
+    from .profile_cache import cache_dir
+
+    return cache_dir()
 
 
 def gguf_path() -> Path:

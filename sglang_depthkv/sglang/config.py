@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, MutableMapping, Optional
 
 logger = logging.getLogger("sglang_depthkv")
@@ -85,7 +85,8 @@ def add_cli_flags(parser) -> None:
                    help="Global KV budget in (0, 1]: fraction of all (layer, token) KV slots kept "
                         f"(default {DEFAULT_BUDGET}; --kv-policy full keeps everything).")
     g.add_argument("--kv-profile", dest="kv_profile", default=None,
-                   help="DepthKV sensitivity profile JSON (required by --kv-policy depthkv).")
+                   help="DepthKV sensitivity profile JSON (--kv-policy depthkv; default: the model's profile "
+                        "cached by 'python -m sglang_depthkv calibrate --model M').")
     g.add_argument("--kv-gates", dest="kv_gates", default=None,
                    help="KVzip gate file (required by --kv-policy kvzip).")
     g.add_argument("--kv-window", dest="kv_window", type=int, default=None,
@@ -144,8 +145,6 @@ def parse_settings(raw: Mapping[str, Any]) -> Optional[DepthKVSettings]:
         raise DepthKVConfigError("--kv-budget", f"must be in (0, 1], got {budget}")
 
     profile, gates = raw.get("kv_profile"), raw.get("kv_gates")
-    if policy == "depthkv" and profile is None:
-        raise DepthKVConfigError("--kv-profile", "required with --kv-policy depthkv (a DepthKV sensitivity profile)")
     if policy != "depthkv" and profile is not None:
         raise DepthKVConfigError("--kv-profile", f"only used by --kv-policy depthkv, not {policy}")
     if policy == "kvzip" and gates is None:
@@ -367,6 +366,26 @@ def load_hf_config(sa):
         return AutoConfig.from_pretrained(sa.model_path, trust_remote_code=bool(getattr(sa, "trust_remote_code", False)))
     except Exception as e:  # noqa: BLE001 - named error, not a fallback
         raise DepthKVConfigError("--model-path", f"cannot read the model config of {sa.model_path!r}: {e}") from e
+
+
+def resolve_profile(settings: DepthKVSettings, sa) -> DepthKVSettings:
+    """``depthkv`` without ``--kv-profile``: the model's cached profile (``core.profile_cache``), or a
+    refusal that names the command writing it."""
+    if settings.policy != "depthkv" or settings.profile is not None:
+        return settings
+    from sglang_depthkv.core.profile_cache import cache_dir, find_cached_profile
+
+    model = getattr(sa, "model_path", None)
+    calibrate = f"python -m sglang_depthkv calibrate --model {model}"
+    try:
+        path = find_cached_profile(model)
+    except ValueError as e:
+        raise DepthKVConfigError("--kv-profile", f"not given, and no cached profile can be chosen: {e}") from e
+    if path is None:
+        raise DepthKVConfigError("--kv-profile", f"not given, and {cache_dir() / 'profiles'} has no profile for this "
+                                 f"model; run `{calibrate}` once (it writes one there) or pass --kv-profile PATH")
+    logging.getLogger("sglang_depthkv").info("sglang-depthkv: --kv-profile %s (the model's cached profile)", path)
+    return replace(settings, profile=str(path))
 
 
 def validate_all(settings: DepthKVSettings, sa) -> None:

@@ -134,6 +134,33 @@ def test_calibrate_profile_via_cli(tmp_path, model):
     load_profile(out, model_identity(load_hf_model(d)))
 
 
+def test_calibrate_without_out_writes_the_models_cache_entry(tmp_path, model, monkeypatch, capsys):
+    """``--out`` omitted: the profile lands where the plugin looks for this model's profile."""
+    from sglang_depthkv.cli import main
+    from sglang_depthkv.core.profile_cache import find_cached_profile
+
+    monkeypatch.setenv("SGLANG_DEPTHKV_CACHE", str(tmp_path / "cache"))
+    d = tiny_models.save_tiny_model(tmp_path / "tiny", "llama", seed=2)
+    text = tmp_path / "text.txt"
+    text.write_text("It was the best of times, it was the worst of times, " * 4)
+    assert find_cached_profile(d) is None
+    rc = main(["calibrate", "--model", str(d), "--text", str(text), "--tokenizer", "bytes", "--scorer", "laprox",
+               "--keep-fractions", "0.5,1.0", "--context-tokens", "48", "--continuation-tokens", "4",
+               "--samples", "1", "--window", "4", "--sinks", "1"])
+    assert rc == 0
+    found = find_cached_profile(d)
+    assert found is not None and found.parent == tmp_path / "cache" / "profiles" and found.name.endswith("-laprox.json")
+    assert json.loads(found.read_text())["scorer"] == "laprox"
+    assert str(found) in capsys.readouterr().out
+
+
+def test_hub_id_not_in_the_local_cache_is_refused_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    err = _cli_error(capsys, ["calibrate", "--model", "someorg/somemodel"])
+    assert "not in the local Hugging Face cache" in err and "does not download" in err
+
+
 def _cli_error(capsys, argv):
     from sglang_depthkv.cli import main
 

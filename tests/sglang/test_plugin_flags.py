@@ -86,7 +86,6 @@ def refused(build, *args) -> DepthKVConfigError:
         ({"kv_policy": "snapkv", "kv_budget": float("nan")}, "--kv-budget"),
         ({"kv_policy": "snapkv", "kv_budget": "0.3"}, "--kv-budget"),
         ({"kv_policy": "full", "kv_budget": 0.5}, "--kv-budget"),
-        ({"kv_policy": "depthkv", "kv_budget": 0.3}, "--kv-profile"),
         ({"kv_policy": "kvzip", "kv_budget": 0.3}, "--kv-gates"),
         ({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_profile": "p.json"}, "--kv-profile"),
         ({"kv_policy": "snapkv", "kv_budget": 0.3, "kv_gates": "g.pt"}, "--kv-gates"),
@@ -332,6 +331,24 @@ def test_cli_depthkv_profile_accepted_and_sizes_layers(plugins, llama, tmp_path)
     fr = policy_layer_fractions(s, 4, AutoConfig.from_pretrained(llama))
     assert abs(sum(fr) / 4 - 0.4) < 1e-9  # mean keep fraction == budget
     assert fr[0] < fr[3]  # layer 3 is the most sensitive at low keep fractions here
+
+
+def test_cli_depthkv_without_profile_uses_the_models_cached_profile(plugins, llama, tmp_path, monkeypatch):
+    """No --kv-profile: the profile ``calibrate --model M`` caches for this model directory is used;
+    none cached: a one-line refusal naming the command that writes it."""
+    from sglang_depthkv.core.profile_cache import cached_profile_path
+
+    monkeypatch.setenv("SGLANG_DEPTHKV_CACHE", str(tmp_path / "cache"))
+    e = refused(cli, llama, "--kv-policy", "depthkv")
+    assert str(e).startswith("--kv-profile: not given, and ") and \
+        f"run `python -m sglang_depthkv calibrate --model {llama}` once" in str(e), str(e)
+    path = cached_profile_path(llama)
+    path.parent.mkdir(parents=True)
+    make_profile(path)
+    s = cli(llama, "--kv-policy", "depthkv")._depthkv_settings
+    assert (s.profile, s.budget) == (str(path), 0.3)
+    assert cli(llama, "--kv-policy", "depthkv", "--kv-profile", str(make_profile(tmp_path / "x.json"))
+               )._depthkv_settings.profile == str(tmp_path / "x.json")  # an explicit profile wins
 
 
 @pytest.mark.parametrize("case", ["other_model", "bad_json", "bad_version", "missing", "negative"])
