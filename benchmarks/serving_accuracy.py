@@ -86,7 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=1800.0)
     p.add_argument("--start-timeout", type=float, default=600.0)
     a = p.parse_args(argv)
-    from benchmarks.accuracy.tasks import TASKS
+    from sglang_depthkv.core.tasks import TASKS
 
     try:
         a.lengths, a.counts = _ints("--lengths", a.lengths), _ints("--counts", a.counts)
@@ -232,7 +232,7 @@ def cut(tokens: List[int], done) -> List[int]:
 def serve_one(model_dir: Path, policy: str, budget: float, args, samples, prompts, ref_doc, ref_dump, tok,
               work: Path, log_dir: Path) -> tuple:
     from benchmarks.accuracy.sweep import stop_ids_of, stop_rule
-    from benchmarks.accuracy.tasks import score
+    from sglang_depthkv.core.tasks import score
     from benchmarks.server import SGLangServer
 
     from sglang_depthkv.sglang.pruning import DUMP_ENV
@@ -321,7 +321,7 @@ def main(argv=None) -> int:
     t_start = time.time()
     from transformers import AutoTokenizer
 
-    from benchmarks.accuracy.tasks import make_samples
+    from sglang_depthkv.core.tasks import make_samples
     from benchmarks.serving_accuracy_report import records, write_report
     from sglang_depthkv.core.haystack import HAYSTACK_NOVELS, haystack_text
     from sglang_depthkv.core.smollm2 import GGUF_SHA256, MODEL_NAME, chat_prompt, export_hf_dir

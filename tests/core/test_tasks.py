@@ -1,4 +1,4 @@
-"""RULER-style task generators (benchmarks/accuracy/tasks.py) with SmolLM2's real tokenizer."""
+"""RULER-style task generators (sglang_depthkv/core/tasks.py) with SmolLM2's real tokenizer."""
 import re
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.accuracy.tasks import TASKS, TaskSample, make_sample, make_samples, score  # noqa: E402
+from sglang_depthkv.core.tasks import TASKS, TaskSample, make_sample, make_samples, score  # noqa: E402
 from sglang_depthkv.core.haystack import haystack_text  # noqa: E402
 from sglang_depthkv.core.smollm2 import chat_prompt, gguf_path  # noqa: E402
 

@@ -61,6 +61,21 @@ def _run_engine(run, dump):
     return out
 
 
+def run_spec(spec, env, timeout):
+    """Run ``spec`` through this script in a subprocess (the tests' side): the runs by name and the
+    subprocess's stderr. Fails the calling test on a missing RESULT line or a run's error."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(spec)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert lines, f"no RESULT line (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    res = {r["name"]: r for r in json.loads(lines[-1][len("RESULT "):])}
+    for name, r in res.items():
+        assert "error" not in r, f"{name}: {r.get('error_type')}: {r.get('error')}\n{r.get('traceback', '')}"
+    return res, proc.stderr
+
+
 def main():
     spec = json.loads(sys.argv[1])
     results = []

@@ -17,7 +17,6 @@ when ``tp_size`` exceeds the NUMA nodes; the TP runs set it."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import test_reference_equivalence as torch_native_eq  # noqa: E402  (helpers and assertions reused)
+from e2e_runs import run_spec  # noqa: E402
 
 TP_ENV = {"SGLANG_CPU_OMP_THREADS_BIND": "0|1"}
 TP_RUNS = [  # name, arch, policy, budget, extra engine kwargs
@@ -69,15 +69,9 @@ def setup(tmp_path_factory):
                     [_run(*r, models, files, {}) for r in DP_RUNS]}
     inv_log = root / "invariants.jsonl"
     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", SGLANG_DEPTHKV_INVARIANT_LOG=str(inv_log))
-    proc = subprocess.run([sys.executable, str(HERE / "e2e_runs.py"), json.dumps(spec)], capture_output=True,
-                          text=True, timeout=1200, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert lines, f"no RESULT line (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    res = {r["name"]: r for r in json.loads(lines[-1][len("RESULT "):])}
-    for name, r in res.items():
-        assert "error" not in r, f"{name}: {r.get('error_type')}: {r.get('error')}\n{r.get('traceback', '')}"
+    res, log = run_spec(spec, env, timeout=1200)
     invariants = [json.loads(l) for l in inv_log.read_text().splitlines()] if inv_log.exists() else []
-    return dict(res=res, refs=refs, files=files, log=proc.stderr, invariants=invariants)
+    return dict(res=res, refs=refs, files=files, log=log, invariants=invariants)
 
 
 def rank_view(setup, name, key, rank):

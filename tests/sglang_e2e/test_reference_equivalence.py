@@ -12,10 +12,8 @@ Chunked prefill (``CHUNKED``, chunks of 16 tokens): the earlier chunks enter the
 vanilla SGLang, and the final chunk prunes the whole prompt, equal to the reference's unchunked
 decision (``sglang/chunk_ownership.py``)."""
 
-import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,9 @@ pytestmark = pytest.mark.engine
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from e2e_runs import run_spec  # noqa: E402
 
 STEPS = 32
 SINKS, WINDOW = 2, 8
@@ -99,13 +100,7 @@ def setup(tmp_path_factory):
         spec["runs"].append({"name": name, "model": models[arch], "engine_kwargs": kw, "batches": batches,
                              "max_new_tokens": STEPS})
     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(HERE / "e2e_runs.py"), json.dumps(spec)], capture_output=True,
-                          text=True, timeout=900, env=env)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-    assert lines, f"no RESULT line (rc {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    res = {r["name"]: r for r in json.loads(lines[-1][len("RESULT "):])}
-    for name, r in res.items():
-        assert "error" not in r, f"{name}: {r.get('error_type')}: {r.get('error')}\n{r.get('traceback', '')}"
+    res, _ = run_spec(spec, env, timeout=900)
     return dict(res=res, refs=refs, files=files)
 
 
