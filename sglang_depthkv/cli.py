@@ -46,6 +46,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "calibration novel, never used as a task haystack)")
     p.add_argument("--tokenizer", choices=("auto", "bytes"), default="auto",
                    help="auto: the model's tokenizer; bytes: UTF-8 bytes as token ids (tokenizer-less test models)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model runs (auto: CUDA when available, else the CPU)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="model weights and activations (auto: bfloat16 on CUDA, float32 on the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +126,33 @@ def _repeat_ids(args, model):
     return torch.tensor(tok(DEFAULT_REPEAT_PROMPT, add_special_tokens=False)["input_ids"], dtype=torch.int64)
 
 
+def _device_dtype(args):
+    """(device, dtype) of ``--device`` / ``--dtype``: CUDA in bfloat16 when available, else the CPU in
+    float32; ``--device cuda`` without a CUDA device is refused."""
+    import torch
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here")
+    name = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    return device, getattr(torch, name)
+
+
+def _load(args):
+    """(model, ReferenceModel, settings) on the chosen device and dtype; the settings are recorded in
+    the written file."""
+    from .core.reference import ReferenceModel, load_hf_model
+
+    device, dtype = _device_dtype(args)
+    model = load_hf_model(args.model, args.gguf_file, device=device, dtype=dtype)
+    ref = ReferenceModel(model, name=Path(args.model).name if args.gguf_file is None else args.gguf_file)
+    print(f"{args.command}: {ref.identity.name or args.model} on {device} in {str(dtype).replace('torch.', '')}",
+          flush=True)
+    return model, ref, {"device": device, "dtype": str(dtype).replace("torch.", "")}
+
+
 def _positive(args, *names):
     for n in names:
         v = getattr(args, n)
@@ -131,21 +162,20 @@ def _positive(args, *names):
 
 def cmd_calibrate(args) -> int:
     from .core.calibrate import calibrate, check_fractions, write_profile
-    from .core.reference import ReferenceModel, load_hf_model
 
     check_fractions(args.keep_fractions)
     _positive(args, "context_tokens", "continuation_tokens", "samples", "window")
     if args.sinks < 0:
         raise ValueError(f"--sinks must be >= 0, got {args.sinks}")
     text, source = _load_text(args)
-    model = load_hf_model(args.model, args.gguf_file)
-    ref = ReferenceModel(model, name=Path(args.model).name if args.gguf_file is None else args.gguf_file)
+    model, ref, run_on = _load(args)
     tokens = _tokens(args, model, text)
     result = calibrate(ref, tokens, keep_fractions=args.keep_fractions, context_tokens=args.context_tokens,
                        continuation_tokens=args.continuation_tokens, samples=args.samples, scorer=args.scorer,
                        window=args.window, sinks=args.sinks, progress=True)
     result.settings["text"] = source
     result.settings["tokenizer"] = args.tokenizer
+    result.settings.update(run_on)
     if args.out is None:
         from .core.profile_cache import cached_profile_path
 
@@ -167,14 +197,12 @@ def cmd_train_gates(args) -> int:
     from tqdm import tqdm
 
     from .core.gates import train_gates
-    from .core.reference import ReferenceModel, load_hf_model
 
     _positive(args, "context_tokens", "samples")
     if not args.ridge > 0:
         raise ValueError(f"--ridge must be > 0, got {args.ridge}")
     text, source = _load_text(args)
-    model = load_hf_model(args.model, args.gguf_file)
-    ref = ReferenceModel(model, name=Path(args.model).name if args.gguf_file is None else args.gguf_file)
+    model, ref, run_on = _load(args)
     tokens = _tokens(args, model, text)
     c = args.context_tokens
     if tokens.numel() < c * args.samples:
@@ -183,7 +211,7 @@ def cmd_train_gates(args) -> int:
     contexts = [tokens[i * c : (i + 1) * c] for i in range(args.samples)]
     gates = train_gates(ref, contexts, _repeat_ids(args, model), use_hidden=not args.no_hidden, ridge=args.ridge,
                         progress=lambda xs: tqdm(xs, desc="train-gates (contexts)"))
-    gates.training.update(text=source, tokenizer=args.tokenizer)
+    gates.training.update(text=source, tokenizer=args.tokenizer, **run_on)
     path = gates.save(args.out)
     print(f"wrote {path}: gates for {ref.num_layers} layers x {ref.identity.num_key_value_heads} kv heads, "
           f"{gates.spec.dim} features")

@@ -85,7 +85,7 @@ def sample_sensitivity(ref: ReferenceModel, context, continuation, scorer, fract
     full = ref.extend(PrunedCache.from_prefill(pf, None), continuation)
     keeps = layer_keep_sets(ref, pf, scorer, fractions, sinks, window)
     L, n = ref.num_layers, pf.length
-    everything = torch.arange(n)
+    everything = torch.arange(n, device=pf.keys[0].device)
     out = torch.zeros(L, len(fractions), dtype=torch.float64)
     for l in range(L):
         for i in range(len(fractions)):

@@ -310,9 +310,9 @@ def collect_training_data(ref_model, contexts: Sequence, repeat_ids, spec: Featu
     targs = [[] for _ in range(ref_model.num_layers)]
     for ctx in contexts:
         targets, keys, hidden = reconstruction_targets(ref_model, ctx, repeat_ids)
-        for l in range(ref_model.num_layers):
-            feats[l].append(gate_features(spec, keys[l], hidden[l]))
-            targs[l].append(targets[l])
+        for l in range(ref_model.num_layers):  # the fit is small float64 algebra: on the host
+            feats[l].append(gate_features(spec, keys[l], hidden[l]).cpu())
+            targs[l].append(targets[l].float().cpu())
     return GateTrainingData([torch.cat(f, dim=1) for f in feats], [torch.cat(t, dim=1) for t in targs])
 
 

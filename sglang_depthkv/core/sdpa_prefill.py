@@ -64,7 +64,7 @@ def sdpa_prefill(ref: ReferenceModel, input_ids, window: int = 32, capture_hidde
         ids = ids[0]
     if ids.dim() != 1 or ids.numel() == 0 or ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be a non-empty 1-D integer sequence, got {tuple(ids.shape)} {ids.dtype}")
-    ids = ids.to(torch.int64)
+    ids = ids.to(device=ref.device, dtype=torch.int64)
     if int(ids.max()) >= ref.vocab_size or int(ids.min()) < 0:
         raise ValueError(f"token ids must lie in [0, {ref.vocab_size})")
     L = ref.num_layers
@@ -79,7 +79,7 @@ def sdpa_prefill(ref: ReferenceModel, input_ids, window: int = 32, capture_hidde
     impl = register()
     try:
         with attention_implementation(ref.model, impl):
-            pos = torch.arange(ids.shape[0], dtype=torch.int64)[None]
+            pos = torch.arange(ids.shape[0], dtype=torch.int64, device=ref.device)[None]
             # logits of the last position only: the full [n, vocab] float32 logits are 1.6 GB at 8k
             out = ref.model.model(input_ids=ids[None], position_ids=pos, use_cache=False, **{CAPTURE_KWARG: cap})
             logits = ref.model.lm_head(out.last_hidden_state[:, -1:, :])[0, -1].float()

@@ -203,3 +203,49 @@ def test_train_gates_cli(tmp_path, capsys):
     assert gates.training["text"] == str(text)
     assert "ridge" in _cli_error(capsys, ["train-gates", "--model", str(d), "--text", str(text), "--tokenizer",
                                           "bytes", "--out", str(out), "--ridge", "0"])
+
+
+def test_calibrate_in_bfloat16_records_where_it_ran(tmp_path, capsys):
+    """``--dtype bfloat16`` (the CUDA default) runs the whole calibration in that dtype; the profile
+    records the device and dtype, and its sensitivities stay close to float32's."""
+    from sglang_depthkv.cli import main
+
+    d = tiny_models.save_tiny_model(tmp_path / "tiny", "llama", seed=3)
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession " * 4)
+    sens = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.json"
+        assert main(["calibrate", "--model", str(d), "--text", str(text), "--tokenizer", "bytes", "--out", str(out),
+                     "--device", "cpu", "--dtype", dtype, "--keep-fractions", "0.3,0.6", "--context-tokens", "64",
+                     "--continuation-tokens", "8", "--samples", "1", "--window", "8", "--sinks", "2"]) == 0
+        data = json.loads(out.read_text())
+        assert (data["calibration"]["device"], data["calibration"]["dtype"]) == ("cpu", dtype)
+        sens[dtype] = torch.tensor(data["sensitivity"])
+    assert f"calibrate: tiny on cpu in bfloat16" in capsys.readouterr().out
+    assert (sens["bfloat16"] >= 0).all() and (sens["float32"][:, 0] > 0).all()
+    torch.testing.assert_close(sens["bfloat16"], sens["float32"], rtol=0.25, atol=0.02)
+
+
+@pytest.mark.gpu
+def test_calibrate_on_cuda_matches_the_cpu(tmp_path):
+    """The calibration's GPU path: ``--device cuda --dtype float32`` gives the CPU's sensitivities (up to
+    float rounding of different kernels), and the default on a CUDA machine is bfloat16 on CUDA."""
+    from sglang_depthkv.cli import main
+
+    d = tiny_models.save_tiny_model(tmp_path / "tiny", "llama", seed=3)
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession " * 4)
+    base = ["calibrate", "--model", str(d), "--text", str(text), "--tokenizer", "bytes", "--keep-fractions", "0.3,0.6",
+            "--context-tokens", "64", "--continuation-tokens", "8", "--samples", "1", "--window", "8", "--sinks", "2"]
+    sens = {}
+    for name, extra in (("cpu", ["--device", "cpu"]), ("cuda", ["--device", "cuda", "--dtype", "float32"]),
+                        ("auto", [])):
+        out = tmp_path / f"{name}.json"
+        assert main(base + ["--out", str(out)] + extra) == 0
+        data = json.loads(out.read_text())
+        sens[name] = torch.tensor(data["sensitivity"])
+        if name == "auto":
+            assert (data["calibration"]["device"], data["calibration"]["dtype"]) == ("cuda", "bfloat16")
+    torch.testing.assert_close(sens["cuda"], sens["cpu"], rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(sens["auto"], sens["cpu"], rtol=0.25, atol=0.02)

@@ -55,9 +55,10 @@ class PrunedCache:
         ``keep=None`` keeps everything."""
         n = prefill.length
         num_layers = len(prefill.keys)
+        device = prefill.keys[0].device
         if keep is None:
-            keep = [torch.arange(n) for _ in range(num_layers)]
-        keep = validate_keep(keep, num_layers, n)
+            keep = [torch.arange(n, device=device) for _ in range(num_layers)]
+        keep = [idx.to(device) for idx in validate_keep(keep, num_layers, n)]
         keys = [k.index_select(1, idx) for k, idx in zip(prefill.keys, keep)]
         values = [v.index_select(1, idx) for v, idx in zip(prefill.values, keep)]
         return cls(keys=keys, values=values, positions=[idx.clone() for idx in keep], next_position=n)

@@ -66,7 +66,8 @@ def _check_ids(ids, what: str) -> torch.Tensor:
 
 
 class ReferenceModel:
-    """Wraps a supported HF causal LM (float32, CPU) for pruned-cache prefill/decode.
+    """Wraps a supported HF causal LM for pruned-cache prefill/decode, on the model's device and in its
+    dtype (float32 on the CPU for the exactness tests; calibration on a GPU runs in bfloat16).
 
     The wrapped model's attention implementation is switched to the reference function only for
     the duration of each call and restored afterwards, so the same model object still runs HF's
@@ -79,6 +80,7 @@ class ReferenceModel:
         self.identity: ModelIdentity = model_identity(model, name=name)
         self.num_layers = self.identity.num_layers
         self.vocab_size = int(model.config.vocab_size)
+        self.device = next(model.parameters()).device  # token ids and positions follow the weights
         self._impl = register()
         self._o_proj = o_proj_weights(model)
 
@@ -90,7 +92,8 @@ class ReferenceModel:
         """Feed ``ids`` at positions ``start ..``; returns logits ``[len(ids), vocab]``."""
         if int(ids.max()) >= self.vocab_size or int(ids.min()) < 0:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{int(ids.min())}, {int(ids.max())}]")
-        pos = torch.arange(start, start + ids.shape[0], dtype=torch.int64)[None]
+        ids = ids.to(self.device)
+        pos = torch.arange(start, start + ids.shape[0], dtype=torch.int64, device=self.device)[None]
         with self._reference_attention():
             out = self.model(
                 input_ids=ids[None], position_ids=pos, use_cache=False, **{STATE_KWARG: state}
@@ -164,7 +167,7 @@ class ReferenceModel:
         finally:
             for h in hooks:
                 h.remove()
-        new_pos = torch.arange(start, start + m, dtype=torch.int64)
+        new_pos = torch.arange(start, start + m, dtype=torch.int64, device=cache.positions[0].device)
         cache.keys, cache.values = list(state.keys), list(state.values)
         cache.positions = [torch.cat([p, new_pos]) for p in cache.positions]
         cache.next_position = start + m

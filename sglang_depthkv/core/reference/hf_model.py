@@ -40,8 +40,9 @@ def check_supported(model) -> None:
     if layer_types and any(t != "full_attention" for t in layer_types):
         raise UnsupportedModelError(f"only full-attention layers are supported, config has {sorted(set(layer_types))}")
     dtypes = {p.dtype for p in model.parameters()}
-    if dtypes != {torch.float32}:
-        raise UnsupportedModelError(f"the reference path runs in float32, model parameters are {sorted(map(str, dtypes))}")
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
+        raise UnsupportedModelError("the reference path runs in one floating dtype (float32, or bfloat16 / float16 "
+                                    f"for calibration on a GPU), model parameters are {sorted(map(str, dtypes))}")
 
 
 def decoder_layers(model):
@@ -59,9 +60,10 @@ def model_identity(model, name: str = "") -> ModelIdentity:
     return ModelIdentity.from_hf_config(model.config, name=name)
 
 
-def load_hf_model(path, gguf_file: Optional[str] = None):
-    """Load a supported causal LM from an HF directory (optionally from a GGUF file inside it),
-    float32, eval mode, on CPU. Raises ValueError for a missing dir/file or another architecture."""
+def load_hf_model(path, gguf_file: Optional[str] = None, device="cpu", dtype: torch.dtype = torch.float32):
+    """Load a supported causal LM from an HF directory (optionally from a GGUF file inside it), in
+    eval mode, as ``dtype`` on ``device`` (float32 on the CPU by default: the reference path's
+    exactness tests use that). Raises ValueError for a missing dir/file or another architecture."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = Path(path)
@@ -80,8 +82,8 @@ def load_hf_model(path, gguf_file: Optional[str] = None):
             f"model at {p} has model_type {getattr(config, 'model_type', None)!r}; "
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, **kwargs)
-    model = model.float().eval()
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, **kwargs)
+    model = model.to(device=device, dtype=dtype).eval()
     check_supported(model)
     return model
 
