@@ -23,19 +23,20 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from .budgets import (DepthKVAllocator, GlobalTopKAllocator, LayerBudgetAllocator, PyramidAllocator,
                       UniformAllocator, check_budget)
+from . import selection
 from .profile import SensitivityProfile
+from .rank_sum import RankScoreSum
 from .scorers.base import Scorer
 from .scorers.full import FullScorer
 from .scorers.laprox import LaProxScorer
 from .scorers.snapkv import SnapKVScorer
 from .scorers.streaming_llm import StreamingLLMScorer
-from . import selection
 from .selection import protect, select_top, token_scores
 from .types import LayerObservation
 
@@ -62,8 +63,8 @@ class PrunePolicy:
     budget: float
     sinks: int = 4
     window: int = 32
-    # tensor parallelism: [L, n] partial token scores -> the sum over ranks (None: a single rank)
-    score_sum: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # tensor parallelism: partial token scores -> their sum over the ranks (None: a single rank)
+    score_sum: Optional[RankScoreSum] = None
 
     def __post_init__(self):
         if not isinstance(self.scorer, Scorer):
