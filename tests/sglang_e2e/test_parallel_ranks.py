@@ -54,17 +54,8 @@ def _run(name, arch, policy, budget, extra, models, files, env):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from tiny_models import save_tiny_model
-
-    from sglang_depthkv.core.reference import ReferenceModel, load_hf_model
-
     root = tmp_path_factory.mktemp("ranks")
-    models = {"llama": str(save_tiny_model(root / "llama", "llama", seed=0)),
-              "qwen3": str(save_tiny_model(root / "qwen3", "qwen3", seed=1))}
-    refs = {a: ReferenceModel(load_hf_model(p)) for a, p in models.items()}
-    files = {a: {"profile": torch_native_eq.write_profile(root / f"{a}-profile.json", ref.identity),
-                 "gates": torch_native_eq.write_gates(root / f"{a}-gates.safetensors", ref.identity, seed=7)}
-             for a, ref in refs.items()}
+    models, refs, files = torch_native_eq.tiny_models_refs_files(root)
     spec = {"runs": [_run(*r, models, files, TP_ENV) for r in TP_RUNS] +
                     [_run(*r, models, files, {}) for r in DP_RUNS]}
     inv_log = root / "invariants.jsonl"

@@ -73,20 +73,25 @@ def write_gates(path, identity, seed):
     return str(save_gates(KVzipGates(identity, spec, w, b, training={"constructed": "test"}), path))
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def tiny_models_refs_files(root):
+    """The tiny Llama (seed 0) and Qwen3 (seed 1) saved under ``root``, their HF reference models, and
+    a profile and gate file for each: ``(models, refs, files)`` keyed by architecture."""
     from tiny_models import save_tiny_model
 
     from sglang_depthkv.core.reference import ReferenceModel, load_hf_model
 
-    root = tmp_path_factory.mktemp("e2e")
     models = {"llama": str(save_tiny_model(root / "llama", "llama", seed=0)),
               "qwen3": str(save_tiny_model(root / "qwen3", "qwen3", seed=1))}
     refs = {a: ReferenceModel(load_hf_model(p)) for a, p in models.items()}
-    files = {}
-    for a, ref in refs.items():
-        files[a] = {"profile": write_profile(root / f"{a}-profile.json", ref.identity),
-                    "gates": write_gates(root / f"{a}-gates.safetensors", ref.identity, seed=7)}
+    files = {a: {"profile": write_profile(root / f"{a}-profile.json", ref.identity),
+                 "gates": write_gates(root / f"{a}-gates.safetensors", ref.identity, seed=7)}
+             for a, ref in refs.items()}
+    return models, refs, files
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    models, refs, files = tiny_models_refs_files(tmp_path_factory.mktemp("e2e"))
     spec = {"runs": []}
     for name, arch, policy, budget, extra in RUNS + CHUNKED:
         kw = {"kv_policy": policy, "kv_budget": budget, "kv_sinks": SINKS, "kv_window": WINDOW, **extra}
