@@ -147,7 +147,8 @@ def _load(args):
 
     device, dtype = _device_dtype(args)
     model = load_hf_model(args.model, args.gguf_file, device=device, dtype=dtype)
-    ref = ReferenceModel(model, name=Path(args.model).name if args.gguf_file is None else args.gguf_file)
+    ref = ReferenceModel(model, name=Path(args.model).name if args.gguf_file is None else args.gguf_file,
+                         float32_only=False)
     print(f"{args.command}: {ref.identity.name or args.model} on {device} in {str(dtype).replace('torch.', '')}",
           flush=True)
     return model, ref, {"device": device, "dtype": str(dtype).replace("torch.", "")}

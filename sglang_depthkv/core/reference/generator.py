@@ -67,17 +67,18 @@ def _check_ids(ids, what: str) -> torch.Tensor:
 
 class ReferenceModel:
     """Wraps a supported HF causal LM for pruned-cache prefill/decode, on the model's device and in its
-    dtype (float32 on the CPU for the exactness tests; calibration on a GPU runs in bfloat16).
+    dtype: float32 unless ``float32_only=False`` (calibration on a GPU runs in bfloat16; the exactness
+    tests and the demo keep float32).
 
     The wrapped model's attention implementation is switched to the reference function only for
     the duration of each call and restored afterwards, so the same model object still runs HF's
     own attention elsewhere.
     """
 
-    def __init__(self, model, name: str = ""):
-        check_supported(model)
+    def __init__(self, model, name: str = "", float32_only: bool = True):
+        check_supported(model, float32_only)
         self.model = model.eval()
-        self.identity: ModelIdentity = model_identity(model, name=name)
+        self.identity: ModelIdentity = model_identity(model, name=name, float32_only=float32_only)
         self.num_layers = self.identity.num_layers
         self.vocab_size = int(model.config.vocab_size)
         self.device = next(model.parameters()).device  # token ids and positions follow the weights

@@ -24,8 +24,9 @@ class UnsupportedModelError(ValueError):
     """The model is not one of the supported architectures, or is configured in a way we cannot handle."""
 
 
-def check_supported(model) -> None:
-    """Raise UnsupportedModelError unless ``model`` is a supported float32 HF causal LM."""
+def check_supported(model, float32_only: bool = True) -> None:
+    """Raise UnsupportedModelError unless ``model`` is a supported HF causal LM in float32 (or, with
+    ``float32_only=False``, all in one of float32 / bfloat16 / float16)."""
     cls = type(model).__name__
     cfg = getattr(model, "config", None)
     if cls not in SUPPORTED_ARCHITECTURES or cfg is None:
@@ -40,9 +41,11 @@ def check_supported(model) -> None:
     if layer_types and any(t != "full_attention" for t in layer_types):
         raise UnsupportedModelError(f"only full-attention layers are supported, config has {sorted(set(layer_types))}")
     dtypes = {p.dtype for p in model.parameters()}
-    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.bfloat16, torch.float16}:
-        raise UnsupportedModelError("the reference path runs in one floating dtype (float32, or bfloat16 / float16 "
-                                    f"for calibration on a GPU), model parameters are {sorted(map(str, dtypes))}")
+    allowed = {torch.float32} if float32_only else {torch.float32, torch.bfloat16, torch.float16}
+    if len(dtypes) != 1 or not dtypes <= allowed:
+        runs_in = "float32" if float32_only else "one of float32 / bfloat16 / float16"
+        raise UnsupportedModelError(f"the reference path runs in {runs_in}, model parameters are "
+                                    f"{sorted(map(str, dtypes))}")
 
 
 def decoder_layers(model):
@@ -55,8 +58,8 @@ def o_proj_weights(model) -> list[torch.Tensor]:
     return [layer.self_attn.o_proj.weight.detach() for layer in decoder_layers(model)]
 
 
-def model_identity(model, name: str = "") -> ModelIdentity:
-    check_supported(model)
+def model_identity(model, name: str = "", float32_only: bool = True) -> ModelIdentity:
+    check_supported(model, float32_only)
     return ModelIdentity.from_hf_config(model.config, name=name)
 
 
@@ -84,7 +87,7 @@ def load_hf_model(path, gguf_file: Optional[str] = None, device="cpu", dtype: to
         )
     model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype, **kwargs)
     model = model.to(device=device, dtype=dtype).eval()
-    check_supported(model)
+    check_supported(model, float32_only=dtype == torch.float32)
     return model
 
 
