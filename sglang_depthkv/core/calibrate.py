@@ -25,9 +25,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .reference import PrunedCache, ReferenceModel
-from .scorers import PROFILE_SCORERS, profile_scorer
+from .scorers import profile_scorer
 
-SCORERS = PROFILE_SCORERS
 METRIC = "kl_next_token"
 
 
