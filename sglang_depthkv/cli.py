@@ -53,6 +53,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .core.profile_cache import DEFAULT_SCORER
+    from .core.scorers import PROFILE_SCORERS
+
     parser = argparse.ArgumentParser(prog="python -m sglang_depthkv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -66,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--context-tokens", type=int, default=1024)
     cal.add_argument("--continuation-tokens", type=int, default=64)
     cal.add_argument("--samples", type=int, default=2)
-    cal.add_argument("--scorer", default="snapkv", choices=("snapkv", "streamingllm", "laprox"))
+    cal.add_argument("--scorer", default=DEFAULT_SCORER, choices=tuple(PROFILE_SCORERS))
     cal.add_argument("--window", type=int, default=32)
     cal.add_argument("--sinks", type=int, default=4)
 
@@ -127,8 +130,8 @@ def _repeat_ids(args, model):
 
 
 def _device_dtype(args):
-    """(device, dtype) of ``--device`` / ``--dtype``: CUDA in bfloat16 when available, else the CPU in
-    float32; ``--device cuda`` without a CUDA device is refused."""
+    """(device, dtype name) of ``--device`` / ``--dtype``: CUDA in bfloat16 when available, else the
+    CPU in float32; ``--device cuda`` without a CUDA device is refused."""
     import torch
 
     device = args.device
@@ -136,22 +139,22 @@ def _device_dtype(args):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device here")
-    name = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
-    return device, getattr(torch, name)
+    return device, args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
 
 
 def _load(args):
     """(model, ReferenceModel, settings) on the chosen device and dtype; the settings are recorded in
     the written file."""
+    import torch
+
     from .core.reference import ReferenceModel, load_hf_model
 
     device, dtype = _device_dtype(args)
-    model = load_hf_model(args.model, args.gguf_file, device=device, dtype=dtype)
+    model = load_hf_model(args.model, args.gguf_file, device=device, dtype=getattr(torch, dtype))
     ref = ReferenceModel(model, name=Path(args.model).name if args.gguf_file is None else args.gguf_file,
                          float32_only=False)
-    print(f"{args.command}: {ref.identity.name or args.model} on {device} in {str(dtype).replace('torch.', '')}",
-          flush=True)
-    return model, ref, {"device": device, "dtype": str(dtype).replace("torch.", "")}
+    print(f"{args.command}: {ref.identity.name or args.model} on {device} in {dtype}", flush=True)
+    return model, ref, {"device": device, "dtype": dtype}
 
 
 def _positive(args, *names):
