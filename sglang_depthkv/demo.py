@@ -150,8 +150,8 @@ def run(args, out=sys.stdout) -> dict:
     say(f"== {sample.task} sample {sample.index} (seed {sample.seed}): {n} tokens, answer {', '.join(sample.answers)} "
         f"at depth {', '.join(f'{d:.2f}' for d in sample.depths)}; one prefill {time.time() - t1:.1f}s")
 
-    cfg = model.config
-    slot_bytes = 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4  # K + V, float32
+    ident = ref.identity
+    slot_bytes = 2 * ident.num_key_value_heads * ident.head_dim * next(model.parameters()).element_size()  # K + V
     stop = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
     max_new = args.max_new_tokens or sample.max_new_tokens
     results = {}
