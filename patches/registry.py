@@ -34,6 +34,8 @@ HOOKS = (
     ("sglang.srt.managers.tp_worker.TpModelWorker.get_worker_info", "AROUND", "request_limits:get_worker_info_around"),
     ("sglang.srt.managers.scheduler.Scheduler.flush_cache", "AROUND", "flush_check:flush_cache_around"),
     ("sglang.srt.managers.scheduler.Scheduler.get_internal_state", "AFTER", "server_info:get_internal_state_after"),
+    ("sglang.srt.model_executor.model_runner.ModelRunner.alloc_memory_pool", "AROUND",
+     "auto_calibration:alloc_memory_pool_around"),
 )
 
 HOOK_TARGETS = tuple(t for t, _, _ in HOOKS)

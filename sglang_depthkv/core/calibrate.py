@@ -63,15 +63,42 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tenso
     return (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
 
 
+def keep_sets_from_scores(layer_scores, n: int, fractions, sinks: int, window: int) -> list[list]:
+    """``keep[l][i]``: positions layer ``l`` keeps at ``fractions[i]``, from its raw token scores ``[n]``
+    (``protect(sinks, window)`` → ``select_top``, the shared selection rules)."""
+    from .selection import protect, select_top
+
+    return [[select_top(protect(s, sinks, window), keep_count(n, f, sinks, window)) for f in fractions]
+            for s in layer_scores]
+
+
 def layer_keep_sets(ref: ReferenceModel, prefill, scorer, fractions, sinks: int, window: int) -> list[list]:
     """``keep[l][i]``: positions layer ``l`` keeps at ``fractions[i]`` (shared selection rules)."""
-    from .selection import protect, select_top, token_scores
+    from .selection import token_scores
 
-    n = prefill.length
-    out = []
-    for obs in prefill.observations:
-        scores = protect(token_scores(scorer.score(obs)), sinks, window)
-        out.append([select_top(scores, keep_count(n, f, sinks, window)) for f in fractions])
+    scores = [token_scores(scorer.score(obs)) for obs in prefill.observations]
+    return keep_sets_from_scores(scores, prefill.length, fractions, sinks, window)
+
+
+def sensitivity_table(keeps, n: int, full_logits: torch.Tensor, pruned_logits: Callable[[int, torch.Tensor], torch.Tensor],
+                      on_step: Optional[Callable[[], None]] = None,
+                      on_layer: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """``[L, F]`` mean KL over the continuation: ``keeps[l][i]`` the positions layer ``l`` keeps at
+    fraction ``i``, ``full_logits [T, V]`` the continuation over the full cache and
+    ``pruned_logits(l, keep)`` the same continuation with only layer ``l`` pruned to ``keep``. The
+    one loop of both calibration paths (the HF reference here, SGLang's model runner at start-up)."""
+    L, F = len(keeps), len(keeps[0])
+    out = torch.zeros(L, F, dtype=torch.float64)
+    for l in range(L):
+        for i in range(F):
+            if keeps[l][i].numel() == n:
+                out[l, i] = 0.0  # nothing pruned: identical cache, KL exactly 0
+            else:
+                out[l, i] = kl_divergence(full_logits, pruned_logits(l, keeps[l][i])).mean()
+            if on_step is not None:
+                on_step()
+        if on_layer is not None:
+            on_layer(l)
     return out
 
 
@@ -85,19 +112,13 @@ def sample_sensitivity(ref: ReferenceModel, context, continuation, scorer, fract
     keeps = layer_keep_sets(ref, pf, scorer, fractions, sinks, window)
     L, n = ref.num_layers, pf.length
     everything = torch.arange(n, device=pf.keys[0].device)
-    out = torch.zeros(L, len(fractions), dtype=torch.float64)
-    for l in range(L):
-        for i in range(len(fractions)):
-            keep = [everything] * L
-            keep[l] = keeps[l][i]
-            if keep[l].numel() == n:
-                out[l, i] = 0.0  # nothing pruned: identical cache, KL exactly 0
-            else:
-                logits = ref.extend(PrunedCache.from_prefill(pf, keep), continuation)
-                out[l, i] = kl_divergence(full, logits).mean()
-            if on_step is not None:
-                on_step()
-    return out
+
+    def pruned(l, keep_l):
+        keep = [everything] * L
+        keep[l] = keep_l
+        return ref.extend(PrunedCache.from_prefill(pf, keep), continuation)
+
+    return sensitivity_table(keeps, n, full, pruned, on_step=on_step)
 
 
 def token_samples(tokens: torch.Tensor, context_tokens: int, continuation_tokens: int, samples: int):
@@ -145,9 +166,14 @@ def calibrate(ref: ReferenceModel, tokens, *, keep_fractions=(0.1, 0.2, 0.3, 0.5
         if bar is not None:
             bar.close()
     sens = torch.stack(per).mean(0)
-    settings = {"samples": samples, "context_tokens": context_tokens, "continuation_tokens": continuation_tokens,
-                "window": window, "sinks": sinks, "keep_rule": "min(n, max(min(n, sinks+window), floor(f*n+0.5)))"}
-    return CalibrationResult(fractions, sens, per, settings)
+    return CalibrationResult(fractions, sens, per, calibration_settings(samples, context_tokens, continuation_tokens,
+                                                                      window, sinks))
+
+
+def calibration_settings(samples: int, context_tokens: int, continuation_tokens: int, window: int, sinks: int) -> dict:
+    """The ``calibration`` record of a profile (both calibration paths write the same keys)."""
+    return {"samples": samples, "context_tokens": context_tokens, "continuation_tokens": continuation_tokens,
+            "window": window, "sinks": sinks, "keep_rule": "min(n, max(min(n, sinks+window), floor(f*n+0.5)))"}
 
 
 def write_profile(result: CalibrationResult, identity, scorer: str, path):

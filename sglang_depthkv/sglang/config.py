@@ -33,6 +33,7 @@ KWARG_TO_FLAG = {
     "kv_decode_interval": "--kv-decode-interval",
 }
 
+NO_AUTO_PROFILE = "none"  # --kv-profile none: no start-up calibration
 DEFAULT_BUDGET = 0.3  # --kv-budget when not given (every policy but full)
 DEFAULT_SINKS = 4
 DEFAULT_WINDOW = 32
@@ -70,6 +71,9 @@ class DepthKVSettings:
     window: int = DEFAULT_WINDOW
     sinks: int = DEFAULT_SINKS
     decode_interval: int = DEFAULT_DECODE_INTERVAL
+    # depthkv with no profile given or cached: measure one at start-up, through the model runner,
+    # before the KV pool is sized (patches/auto_calibration.py); ``profile`` is set then
+    calibrate_at_start: bool = False
 
     @property
     def prunes(self) -> bool:
@@ -85,8 +89,9 @@ def add_cli_flags(parser) -> None:
                    help="Global KV budget in (0, 1]: fraction of all (layer, token) KV slots kept "
                         f"(default {DEFAULT_BUDGET}; --kv-policy full keeps everything).")
     g.add_argument("--kv-profile", dest="kv_profile", default=None,
-                   help="DepthKV sensitivity profile JSON (--kv-policy depthkv; default: the model's profile "
-                        "cached by 'python -m sglang_depthkv calibrate --model M').")
+                   help="DepthKV sensitivity profile JSON (--kv-policy depthkv). Default: the model's cached "
+                        "profile, else one calibrated at start-up on the serving device and cached; "
+                        f"'{NO_AUTO_PROFILE}': the cached profile or a refusal, never a start-up calibration.")
     g.add_argument("--kv-gates", dest="kv_gates", default=None,
                    help="KVzip gate file (required by --kv-policy kvzip).")
     g.add_argument("--kv-window", dest="kv_window", type=int, default=None,
@@ -369,9 +374,10 @@ def load_hf_config(sa):
 
 
 def resolve_profile(settings: DepthKVSettings, sa) -> DepthKVSettings:
-    """``depthkv`` without ``--kv-profile``: the model's cached profile (``core.profile_cache``), or a
-    refusal that names the command writing it."""
-    if settings.policy != "depthkv" or settings.profile is not None:
+    """``depthkv`` without a profile file: the model's cached profile (``core.profile_cache``), else a
+    start-up calibration (``calibrate_at_start``; one rank only), or, with ``--kv-profile none``, a
+    refusal that names the command writing one."""
+    if settings.policy != "depthkv" or settings.profile not in (None, NO_AUTO_PROFILE):
         return settings
     from sglang_depthkv.core.profile_cache import cache_dir, find_cached_profile
 
@@ -381,11 +387,22 @@ def resolve_profile(settings: DepthKVSettings, sa) -> DepthKVSettings:
         path = find_cached_profile(model)
     except ValueError as e:
         raise DepthKVConfigError("--kv-profile", f"not given, and no cached profile can be chosen: {e}") from e
-    if path is None:
-        raise DepthKVConfigError("--kv-profile", f"not given, and {cache_dir() / 'profiles'} has no profile for this "
-                                 f"model; run `{calibrate}` once (it writes one there) or pass --kv-profile PATH")
-    logging.getLogger("sglang_depthkv").info("sglang-depthkv: --kv-profile %s (the model's cached profile)", path)
-    return replace(settings, profile=str(path))
+    log = logging.getLogger("sglang_depthkv")
+    if path is not None:
+        log.info("sglang-depthkv: --kv-profile %s (the model's cached profile)", path)
+        return replace(settings, profile=str(path))
+    where = cache_dir() / "profiles"
+    if settings.profile == NO_AUTO_PROFILE:
+        raise DepthKVConfigError("--kv-profile", f"{NO_AUTO_PROFILE}: {where} has no profile for this model and "
+                                 f"start-up calibration is off; run `{calibrate}` once or pass --kv-profile PATH")
+    ranks = [(flag, getattr(sa, name, 1) or 1) for flag, name in (("--tp-size", "tp_size"), ("--dp-size", "dp_size"))]
+    several = [f"{flag} {n}" for flag, n in ranks if n > 1]
+    if several:
+        raise DepthKVConfigError("--kv-profile", f"not given, {where} has no profile for this model, and start-up "
+                                 f"calibration runs on one rank ({', '.join(several)} given); run `{calibrate}` "
+                                 "once or pass --kv-profile PATH")
+    log.info("sglang-depthkv: no cached profile for this model in %s: calibrating at start-up (once; cached)", where)
+    return replace(settings, profile=None, calibrate_at_start=True)
 
 
 def validate_all(settings: DepthKVSettings, sa) -> None:

@@ -176,7 +176,7 @@ def test_cli_unknown_policy_is_an_argparse_error(plugins, llama, capsys):
         (["--kv-policy", "snapkv", "--kv-budget", "1.5"], "--kv-budget"),
         (["--kv-policy", "snapkv", "--kv-budget", "0"], "--kv-budget"),
         (["--kv-policy", "kvzip", "--kv-budget", "0.3"], "--kv-gates"),
-        (["--kv-policy", "depthkv", "--kv-budget", "0.3"], "--kv-profile"),
+        (["--kv-policy", "depthkv", "--kv-budget", "0.3", "--kv-profile", "none"], "--kv-profile"),
         (["--kv-policy", "full", "--page-size", "16"], "--page-size"),
         (["--kv-policy", "full", "--attention-backend", "flashinfer"], "--attention-backend"),
         (["--kv-policy", "full", "--enable-hierarchical-cache"], "--enable-hierarchical-cache"),
@@ -335,18 +335,25 @@ def test_cli_depthkv_profile_accepted_and_sizes_layers(plugins, llama, tmp_path)
 
 def test_cli_depthkv_without_profile_uses_the_models_cached_profile(plugins, llama, tmp_path, monkeypatch):
     """No --kv-profile: the profile ``calibrate --model M`` caches for this model directory is used;
-    none cached: a one-line refusal naming the command that writes it."""
+    none cached: calibrated at start-up (one rank only, else a refusal naming the command), and
+    ``--kv-profile none`` refuses in one line naming the command that writes one."""
     from sglang_depthkv.core.profile_cache import cached_profile_path
 
     monkeypatch.setenv("SGLANG_DEPTHKV_CACHE", str(tmp_path / "cache"))
-    e = refused(cli, llama, "--kv-policy", "depthkv")
-    assert str(e).startswith("--kv-profile: not given, and ") and \
+    s = cli(llama, "--kv-policy", "depthkv")._depthkv_settings
+    assert (s.profile, s.calibrate_at_start) == (None, True)
+    e = refused(cli, llama, "--kv-policy", "depthkv", "--kv-profile", "none")
+    assert str(e).startswith("--kv-profile: none: ") and "start-up calibration is off" in str(e) and \
+        f"run `python -m sglang_depthkv calibrate --model {llama}` once" in str(e), str(e)
+    e = refused(cli, llama, "--kv-policy", "depthkv", "--tp-size", "2")
+    assert str(e).startswith("--kv-profile: not given, ") and "--tp-size 2" in str(e) and \
         f"run `python -m sglang_depthkv calibrate --model {llama}` once" in str(e), str(e)
     path = cached_profile_path(llama)
     path.parent.mkdir(parents=True)
     make_profile(path)
-    s = cli(llama, "--kv-policy", "depthkv")._depthkv_settings
-    assert (s.profile, s.budget) == (str(path), 0.3)
+    for extra in ((), ("--kv-profile", "none")):
+        s = cli(llama, "--kv-policy", "depthkv", *extra)._depthkv_settings
+        assert (s.profile, s.budget, s.calibrate_at_start) == (str(path), 0.3, False)
     assert cli(llama, "--kv-policy", "depthkv", "--kv-profile", str(make_profile(tmp_path / "x.json"))
                )._depthkv_settings.profile == str(tmp_path / "x.json")  # an explicit profile wins
 

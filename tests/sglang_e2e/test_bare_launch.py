@@ -1,8 +1,13 @@
-"""The command users are told about, with nothing but the policy: ``calibrate --model M`` once (it caches
-the profile for that model directory), then ``python -m sglang.launch_server --model-path M ...
---kv-policy depthkv`` without ``--kv-budget`` or ``--kv-profile`` serves: the default budget (0.3) and
-the cached profile, as SGLang's ``/server_info`` reports, and a prompt is pruned and answered. Both
-commands run as subprocesses, as a user types them (tiny random Llama, byte tokens, CPU)."""
+"""The command users are told about, with nothing but the policy, run as subprocesses as a user types
+them:
+
+- SmolLM2-135M-Instruct (real weights), nothing cached: ``python -m sglang.launch_server --model-path M
+  --device cpu ... --kv-policy depthkv`` calibrates at start-up through SGLang's model runner (a
+  progress line per layer, the time taken), caches the profile, and serves a chat prompt with the
+  default budget (0.3); the second start finds the cached profile and does not calibrate again.
+- tiny random Llama (byte tokens): ``calibrate --model M`` once (it caches the profile for that model
+  directory), then the same bare launch uses that cached profile, as SGLang's ``/server_info`` reports,
+  and a prompt is pruned and answered."""
 
 import json
 import os
@@ -57,3 +62,35 @@ def test_bare_depthkv_launch_serves_with_the_cached_profile(tmp_path):
     assert len(rows) == 4 and all(r["pruned"] and r["seq_len"] == len(ids) for r in rows)
     kept = sum(len(r["kept"]) for r in rows)
     assert abs(kept - 0.3 * len(ids) * 4) <= 4, kept  # the default budget over the four layers
+
+
+def test_bare_depthkv_launch_of_smollm2_calibrates_at_start_up_once(tmp_path):
+    from server import SGLangServer
+
+    from sglang_depthkv.core.profile_cache import cached_profile_path
+    from sglang_depthkv.core.smollm2 import chat_prompt, export_hf_dir, load_smollm2
+    from sglang_depthkv.sglang.runner_calibration import SAMPLES
+
+    model = export_hf_dir()
+    cached = cached_profile_path(model, root=tmp_path / "cache")
+    env = {"SGLANG_DEPTHKV_CACHE": str(tmp_path / "cache")}
+    _, tok = load_smollm2()
+    prompt = chat_prompt(tok, "What is the capital of France? Answer in one word.")
+    answers, infos = [], []
+    for start in ("first", "second"):
+        with SGLangServer(str(model), ["--kv-policy", "depthkv", "--max-total-tokens", "8192"],
+                          log_path=tmp_path / f"{start}.log", env=env) as srv:
+            out = srv.generate({"text": prompt, "sampling_params": {"max_new_tokens": 8, "temperature": 0.0}})
+            answers.append(out["text"])
+            infos.append(srv.server_info()["internal_states"][0]["depthkv"])
+        if start == "first":
+            mtime = cached.stat().st_mtime_ns
+    first, second = ((tmp_path / f"{s}.log").read_text() for s in ("first", "second"))
+    for layer in range(1, 31):  # a progress line per layer and sample, with an ETA
+        assert f"calibrating sample {SAMPLES}/{SAMPLES} layer {layer}/30 (4 keep fractions)" in first, layer
+    assert "start-up calibration took" in first and f"profile {cached} (cached" in first
+    assert "start-up calibration" not in second and f"--kv-profile {cached} (the model's cached profile)" in second
+    assert cached.stat().st_mtime_ns == mtime
+    for info in infos:
+        assert (info["settings"]["profile"], info["settings"]["budget"]) == (str(cached), 0.3)
+    assert all("Paris" in a for a in answers), answers

@@ -65,6 +65,10 @@ def held_counts_of(allocator, req_to_token: torch.Tensor, rows: List[int], seq_l
 class DepthKVScoringMixin:
     """Scoring / pruning state and steps shared by the DepthKV attention backends."""
 
+    # start-up calibration (runner_calibration.py) sets it for one prefill: it takes the end-of-prefill
+    # own-token scores {entry index: [L, m]} instead of pruning
+    score_observer: Optional[Callable[[Dict[int, torch.Tensor]], None]] = None
+
     def _init_scoring(self, model_runner) -> None:
         if not isinstance(self.token_to_kv_pool, DepthKVPool):
             raise TypeError(f"{type(self).__name__} needs a DepthKVPool, got {type(self.token_to_kv_pool).__name__}")
@@ -249,6 +253,9 @@ class DepthKVScoringMixin:
         own = {i: P.own_token_scores(scoring.scores[i]) for i, e in enumerate(scoring.entries)
                if e is not None and e.final and self._segment_prunes(e)}
         keeps = {}
+        if self.score_observer is not None:
+            self.score_observer(own)
+            own = {}
         if own:  # one NaN check and (global top-k) one read of the keep counts for the whole batch
             from sglang_depthkv.core.selection import check_no_nan
 
@@ -267,7 +274,8 @@ class DepthKVScoringMixin:
             O.clear_stash(entry)
             rec = P.PruneRecord(rid=entry.rid, own_lo=entry.own_lo, seq_len=entry.seq_len, keep=keeps.get(i))
             P.apply_prune(self.allocator, self.req_to_token_pool.req_to_token, entry.req.req_pool_idx, rec)
-            P.dump_keep(rec)
+            if self.score_observer is None:
+                P.dump_keep(rec)
             self.prune_log = (self.prune_log + [rec])[-64:]
         self._scoring = None
         self._hidden.clear()
