@@ -1,0 +1,197 @@
+"""kvpress 0.5.5 presses on the accuracy sweep's samples: the peer columns beside our policies.
+
+Same samples as ``benchmarks.accuracy.sweep`` (``core.tasks.make_samples`` with the same tasks,
+lengths, counts and seed), the same model (SmolLM2-135M-Instruct HF export, float32, CPU), the
+same protocol: the whole prompt is prefilled once under the press (the press compresses each
+layer's cache after that layer's attention, so the last prompt token's logits, and the first
+answer token, are the full cache's), then greedy decoding over the compressed cache with positions
+continuing at the original prompt length (as kvpress's own pipeline decodes; HF ``generate`` would
+continue at the compressed length and shift RoPE), stopped by the sweep's rule, scored by
+``core.tasks.score``. A budget ``b`` (fraction kept) is kvpress's ``compression_ratio = 1 - b``.
+
+kvpress needs transformers < 5.3, so this runs in its own venv (``kvpress_env.sh``), not the
+project's:
+
+    bash benchmarks/accuracy/kvpress_env.sh          # builds .venv-kvpress once
+    .venv-kvpress/bin/python -m benchmarks.accuracy.kvpress_peers --out benchmarks/results/accuracy-kvpress.json
+
+The document has the sweep's format (``samples[].runs[]`` with ``policy`` = the press label), so
+``benchmarks.accuracy.report`` can put both side by side. It is rewritten after every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+PRESSES = ("snapkv", "adakv_snapkv", "criticaladakv_snapkv", "pyramidkv", "streamingllm", "kvzip")
+LABELS = {
+    "snapkv": "kvpress SnapKVPress", "adakv_snapkv": "kvpress AdaKVPress(SnapKVPress)",
+    "criticaladakv_snapkv": "kvpress CriticalAdaKVPress(SnapKVPress)", "pyramidkv": "kvpress PyramidKVPress",
+    "streamingllm": "kvpress StreamingLLMPress", "kvzip": "kvpress KVzipPress",
+}
+BUDGETS = (0.1, 0.2, 0.3, 0.5)
+
+
+def import_kvpress():
+    """kvpress's package ``__init__`` imports ``datasets`` for DuoAttention only; a placeholder module
+    stands in for that one import (the venv does not install datasets)."""
+    if "datasets" not in sys.modules:
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            placeholder = types.ModuleType("datasets")
+            placeholder.load_dataset = None
+            sys.modules["datasets"] = placeholder
+    import kvpress
+
+    return kvpress
+
+
+def make_press(name: str, budget: float):
+    kp = import_kvpress()
+    ratio = 1.0 - float(budget)
+    if name == "snapkv":
+        return kp.SnapKVPress(compression_ratio=ratio)
+    if name == "adakv_snapkv":
+        return kp.AdaKVPress(kp.SnapKVPress(compression_ratio=ratio))
+    if name == "criticaladakv_snapkv":
+        return kp.CriticalAdaKVPress(kp.SnapKVPress(compression_ratio=ratio))
+    if name == "pyramidkv":
+        return kp.PyramidKVPress(compression_ratio=ratio)
+    if name == "streamingllm":
+        return kp.StreamingLLMPress(compression_ratio=ratio)
+    if name == "kvzip":
+        return kp.KVzipPress(compression_ratio=ratio)
+    raise ValueError(f"unknown press {name!r}; choose from {', '.join(PRESSES)}")
+
+
+def check_transformers() -> None:
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    if (major, minor) >= (5, 3):
+        raise SystemExit(f"kvpress 0.5.5 needs transformers < 5.3, this venv has {transformers.__version__}; "
+                         "run in the venv that benchmarks/accuracy/kvpress_env.sh builds")
+
+
+@torch.no_grad()
+def press_greedy(model, ids: torch.Tensor, press, max_new_tokens: int, done) -> tuple[list[int], int]:
+    """Prefill ``ids [n]`` under ``press`` (None: full cache), then greedy decoding with positions
+    continuing at ``n``. Returns (tokens, cache entries over all layers after the prefill; AdaKV-style
+    presses mask per head instead of removing, so their cache keeps every token)."""
+    from transformers import DynamicCache
+
+    n = int(ids.shape[0])
+    cache = DynamicCache()
+    with press(model) if press is not None else contextlib.nullcontext():
+        out = model(input_ids=ids[None], past_key_values=cache, logits_to_keep=1)
+    kept = sum(int(cache.get_seq_length(layer)) for layer in range(len(cache)))
+    tokens = [int(out.logits[0, -1].argmax())]
+    for i in range(max_new_tokens - 1):
+        if done(tokens):
+            break
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                    position_ids=torch.tensor([[n + i]]))
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens, kept
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.kvpress_peers", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="passkey,multikey,multivalue,vartrack")
+    p.add_argument("--lengths", default="2048,4096,8000")
+    p.add_argument("--counts", default="3,2,1")
+    p.add_argument("--presses", default=",".join(PRESSES))
+    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy-kvpress.json"))
+    a = p.parse_args(argv)
+    a.tasks = [t for t in a.tasks.split(",") if t]
+    a.lengths = [int(x) for x in a.lengths.split(",") if x]
+    a.counts = [int(x) for x in a.counts.split(",") if x]
+    if len(a.lengths) != len(a.counts):
+        p.error(f"--lengths has {len(a.lengths)} entries, --counts {len(a.counts)}")
+    a.presses = [x for x in a.presses.split(",") if x]
+    bad = [x for x in a.presses if x not in PRESSES]
+    if bad:
+        p.error(f"--presses: unknown {bad}; available {list(PRESSES)}")
+    a.budgets = [float(x) for x in a.budgets.split(",") if x]
+    if any(not 0 < b < 1 for b in a.budgets):
+        p.error("--budgets must lie in (0, 1) (a press removes a fraction 1 - b)")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_transformers()
+    import_kvpress()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.accuracy.sweep import stop_rule
+    from sglang_depthkv.core.haystack import HAYSTACK_NOVELS, haystack_text
+    from sglang_depthkv.core.smollm2 import MODEL_NAME, chat_prompt, export_dir_for
+    from sglang_depthkv.core.tasks import make_samples, score
+
+    path = export_dir_for()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"{path}: no SmolLM2 HF export; run the project's demo or sweep once (it writes it)")
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
+    stop = stop_rule(tok)
+    samples = make_samples(args.tasks, dict(zip(args.lengths, args.counts)), tokenizer=tok,
+                           haystack=haystack_text(HAYSTACK_NOVELS), chat=lambda u: chat_prompt(tok, u), seed=args.seed)
+    if args.limit is not None:
+        samples = samples[: args.limit]
+    import kvpress
+    import transformers
+
+    doc = {"format": "sglang-depthkv-accuracy", "version": 1,
+           "command": "python -m benchmarks.accuracy.kvpress_peers " + " ".join(sys.argv[1:] if argv is None else argv),
+           "model": {"name": MODEL_NAME, "export": path.name, "dtype": "float32",
+                     "num_layers": int(model.config.num_hidden_layers)},
+           "peers": {"kvpress": getattr(kvpress, "__version__", "0.5.5"), "transformers": transformers.__version__,
+                     "labels": {k: LABELS[k] for k in args.presses}},
+           "config": {"tasks": args.tasks, "lengths": args.lengths, "counts": args.counts, "presses": args.presses,
+                      "budgets": args.budgets, "seed": args.seed, "torch_threads": torch.get_num_threads()},
+           "samples": [], "wall_s": None, "complete": False}
+    t_start = time.time()
+    L = int(model.config.num_hidden_layers)
+    for si, s in enumerate(samples):
+        ids = tok(s.prompt, add_special_tokens=False, return_tensors="pt").input_ids[0]
+        n = int(ids.shape[0])
+        rec = s.to_dict() | {"n_tokens": n, "runs": []}
+        t0 = time.time()
+        for name, b, press in [("full", 1.0, None)] + [(p, b, make_press(p, b)) for p in args.presses for b in args.budgets]:
+            out, kept = press_greedy(model, ids, press, s.max_new_tokens, stop)
+            text = tok.decode(out, skip_special_tokens=True)
+            rec["runs"].append({"policy": "full" if press is None else f"kvpress:{name}", "budget": b, "output": text,
+                                "score": score(s, text), "tokens": out, "cache_fraction": round(kept / (L * n), 4)})
+        rec["wall_s"] = round(time.time() - t0, 1)
+        doc["samples"].append(rec)
+        doc["wall_s"] = round(time.time() - t_start, 1)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, args.out)
+        print(f"[{si + 1}/{len(samples)}] {s.task} {n} tok: {rec['wall_s']}s, full={rec['runs'][0]['score']:.2f}, "
+              f"mean press={sum(r['score'] for r in rec['runs'][1:]) / max(1, len(rec['runs']) - 1):.2f}", flush=True)
+    doc["complete"] = True
+    doc["wall_s"] = round(time.time() - t_start, 1)
+    args.out.write_text(json.dumps(doc, indent=1))
+    print(f"done: {len(samples)} samples in {doc['wall_s']}s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
