@@ -17,7 +17,7 @@
 #
 # Env: BUDGET_S (560), STAGES ("smoke capacity kernels tests serving"), SERVING_ARGS (extra arguments
 # for benchmarks.serving, e.g. "--configs vanilla,depthkv@0.3 --no-cuda-graph"), SMOKE_S (210),
-# CAPACITY_S (120), KERNELS_S (75), TESTS_S (100), OUT (set by the device tool; default ./gpu-out).
+# CAPACITY_S (120), KERNELS_S (75), TESTS_S (180: the start-up calibration test starts two SGLang engines), OUT (set by the device tool; default ./gpu-out).
 # DRY_RUN=1 prints the stage commands without running anything (what tests/sglang_e2e checks on CPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -84,8 +84,8 @@ if want kernels; then
 fi
 
 if want tests; then
-    say "pytest -m gpu (cap $(cap "${TESTS_S:-100}") s)"
-    run timeout "$(cap "${TESTS_S:-100}")" python3 -m pytest -q -p no:cacheprovider -m gpu \
+    say "pytest -m gpu (cap $(cap "${TESTS_S:-180}") s)"
+    run timeout "$(cap "${TESTS_S:-180}")" python3 -m pytest -q -p no:cacheprovider -m gpu \
         --continue-on-collection-errors tests
     say "pytest rc=$?"
 fi

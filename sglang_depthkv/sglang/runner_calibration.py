@@ -173,8 +173,9 @@ class RunnerForwards:
         return seen[0]
 
     def continuation(self, req, context_len: int, continuation: torch.Tensor):
-        """The continuation as one extend batch over ``req``'s cached context; returns a callable
-        ``logits(layer, keep)`` (``layer`` None: the full cache) giving ``[T, V]`` float32 logits."""
+        """The continuation as one extend batch over ``req``'s cached context; returns the batch and
+        ``logits(layer, keep)``: ``[T, V]`` float32 logits of the continuation with layer ``layer``
+        holding only the context positions ``keep`` (``layer`` None: the full cache)."""
         req_to_token = self.runner.req_to_token_pool.req_to_token
         req.prefix_indices = req_to_token[req.req_pool_idx, :context_len].to(torch.int64)
         req.full_untruncated_fill_ids.extend(int(t) for t in continuation.tolist())
@@ -185,17 +186,16 @@ class RunnerForwards:
 
         def logits(layer: Optional[int], keep: Optional[torch.Tensor] = None) -> torch.Tensor:
             row = None
-            if layer is not None:
-                local = layer  # mapping rows are local to the pool's layers
-                row = self.pool.mapping[local, ctx_ids].clone()
+            if layer is not None:  # mapping rows and keep sets are both indexed by the pool's local layer
+                row = self.pool.mapping[layer, ctx_ids].clone()
                 drop = torch.ones(context_len, dtype=torch.bool, device=ctx_ids.device)
                 drop[keep.to(ctx_ids.device)] = False
-                self.pool.mapping[local, ctx_ids[drop]] = 0
+                self.pool.mapping[layer, ctx_ids[drop]] = 0
             try:
                 h = self._hidden(fb)
             finally:
                 if row is not None:
-                    self.pool.mapping[local, ctx_ids] = row
+                    self.pool.mapping[layer, ctx_ids] = row
             return h.float() @ self.lm_head.float().T
 
         return batch, logits
