@@ -75,4 +75,7 @@ def alloc_memory_pool_around(orig, self, *args, **kwargs):
     _set_settings(self.server_args, replace(settings, profile=str(path), calibrate_at_start=False))
     logger.info("sglang-depthkv: start-up calibration took %.1f s (%.1f s of forwards); profile %s (cached: the "
                 "next start reuses it)", time.monotonic() - t0, spent, path)
+    from sglang_depthkv.patches.server_args import log_profile_hull
+
+    log_profile_hull(path)
     return orig(self, *args, **kwargs)

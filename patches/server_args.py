@@ -28,6 +28,24 @@ def log_startup_limits(settings) -> None:
     """The limits of a valid configuration that a user would not see otherwise (one WARNING each)."""
     if settings.prunes and settings.decode_interval == 0:
         logger.warning(DECODE_OUTSIDE_BUDGET)
+    if settings.policy == "depthkv" and settings.profile is not None:
+        log_profile_hull(settings.profile)
+
+
+def log_profile_hull(path) -> None:
+    """One line on the profile points water-filling does not use (above their layer's lower convex
+    hull): a WARNING when some are non-monotone (measurement noise), else INFO."""
+    from sglang_depthkv.core.budgets.depthkv import describe_points_above_hull, profile_points_above_hull
+    from sglang_depthkv.core.profile import load_profile
+
+    profile = load_profile(path)
+    points = profile_points_above_hull(profile)
+    line = f"sglang-depthkv: profile {path}: " + describe_points_above_hull(
+        points, profile.num_layers * len(profile.keep_fractions))
+    if any(p[4] for p in points):
+        logger.warning(line + "; calibrating on more samples (calibrate --samples) reduces such noise")
+    else:
+        logger.info(line)
 
 
 def _attach(sa, settings) -> None:

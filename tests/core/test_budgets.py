@@ -236,3 +236,37 @@ def test_global_topk_prefers_high_scoring_layer_and_errors():
 def test_bad_budget(b):
     with pytest.raises(ValueError, match="budget"):
         UniformAllocator().allocate(10, 2, b, 0, 0)
+
+
+@FAST
+@given(profiles_st)
+def test_points_above_hull_are_the_points_water_filling_ignores(profile):
+    """Every measured point is reported iff it lies above the brute-force lower hull; non-monotone
+    iff some point with a smaller keep fraction has a lower KL."""
+    from sglang_depthkv.core.budgets.depthkv import profile_points_above_hull
+
+    got = {(l, f): (y, h, nm) for l, f, y, h, nm in profile_points_above_hull(profile)}
+    for l in range(profile.num_layers):
+        curve = profile.curve(l)
+        for i, (f, y) in enumerate(curve):
+            h = hull_kl(curve, f)
+            if y > h + 1e-9 * max(1.0, abs(h)):
+                assert (l, f) in got, (l, f, y, h)
+                assert got[(l, f)][1] == pytest.approx(h, rel=1e-9, abs=1e-12)
+                assert got[(l, f)][2] == any(yy < y for _, yy in curve[:i])
+            elif y < h - 1e-9 * max(1.0, abs(h)) or y == h:
+                assert (l, f) not in got
+
+
+def test_points_above_hull_named_in_one_line():
+    from sglang_depthkv.core.budgets.depthkv import describe_points_above_hull, profile_points_above_hull
+
+    # layer 0: 0.6 at f=0.25 rises above 0.5 at f=0.1 (non-monotone); layer 1: convex, all on the hull
+    profile = make_profile([[0.5, 0.6, 0.1], [0.9, 0.4, 0.1]])
+    pts = profile_points_above_hull(profile)
+    assert [(l, f, nm) for l, f, _, _, nm in pts] == [(0, 0.25, True)]
+    assert pts[0][3] == pytest.approx(0.5 + (0.1 - 0.5) * (0.25 - 0.1) / (0.5 - 0.1))
+    line = describe_points_above_hull(pts, 6)
+    assert line.startswith("1 of 6 measured points lie above") and "layer 0 f=0.25 KL 0.6 > hull 0.35" in line
+    assert "(1 non-monotone" in line
+    assert describe_points_above_hull([], 6) == "all 6 measured points are on their layer's lower convex hull"

@@ -101,3 +101,28 @@ def test_no_request_cap_warning(caplog, caps, max_req_len, allocator):
                                                  worker(caps, 4096, allocator))
     assert info[request_limits.MAX_REQ_LEN] == max_req_len
     assert plugin_records(caplog) == []
+
+
+# --- DepthKV profile points water-filling does not use --------------------------------------------
+
+@pytest.mark.parametrize("noisy", [False, True])
+def test_depthkv_profile_points_above_the_hull_are_reported(caplog, tmp_path, noisy):
+    """The profile's points above their layer's lower convex hull are named at start-up: a WARNING when
+    one is non-monotone (KL rising with the keep fraction), else one INFO line."""
+    from sglang_depthkv.core.profile import SensitivityProfile, save_profile
+    from sglang_depthkv.core.types import ModelIdentity
+
+    ident = ModelIdentity(num_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32, hidden_size=128,
+                          architecture="LlamaForCausalLM")
+    sens = [[0.5, 0.6 if noisy else 0.45, 0.1], [0.9, 0.4, 0.1]]
+    path = save_profile(SensitivityProfile(ident, "snapkv", [0.1, 0.25, 0.5], sens), tmp_path / "p.json")
+    caplog.set_level(logging.INFO, logger="sglang_depthkv")
+    server_args.log_startup_limits(parse_settings({"kv_policy": "depthkv", "kv_profile": str(path),
+                                                   "kv_decode_interval": 4}))
+    warnings, infos = plugin_records(caplog), plugin_records(caplog, logging.INFO)
+    lines = [r.getMessage() for r in (warnings if noisy else infos)]
+    assert len(lines) == 1 and lines[0].startswith(f"sglang-depthkv: profile {path}: ")
+    if noisy:
+        assert "1 of 6 measured points lie above" in lines[0] and "layer 0 f=0.25 KL 0.6 > hull 0.35 (non-monotone)" in lines[0]
+    else:  # 0.45 at f=0.25 is above the chord 0.5 -> 0.1 (0.35): non-convex, not non-monotone
+        assert warnings == [] and "1 of 6 measured points" in lines[0] and "(0 non-monotone" in lines[0]

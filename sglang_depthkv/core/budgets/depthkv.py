@@ -44,6 +44,40 @@ def hull_segments(points: list) -> list:
     return [(x0, x1, (y1 - y0) / (x1 - x0)) for (x0, y0), (x1, y1) in zip(h, h[1:])]
 
 
+def points_above_hull(curve: list, tol: float = 1e-12) -> list:
+    """Measured points ``(f, KL)`` of one curve that lie above its lower convex hull, as
+    ``(f, KL, hull KL at f, non_monotone)``: water-filling does not use them. ``non_monotone``: the
+    point's KL is above that of a point with a smaller keep fraction (more kept, more loss: noise);
+    otherwise the curve is merely non-convex there."""
+    hull = lower_convex_hull(curve)
+    out = []
+    for i, (x, y) in enumerate(curve):
+        j = next(k for k in range(1, len(hull)) if hull[k][0] >= x)
+        (x0, y0), (x1, y1) = hull[j - 1], hull[j]
+        h = y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+        if y > h + tol * max(1.0, abs(h)):
+            out.append((float(x), float(y), float(h), any(yy < y for _, yy in curve[:i])))
+    return out
+
+
+def profile_points_above_hull(profile) -> list:
+    """``(layer, f, KL, hull KL, non_monotone)`` for every profile point that does not shape the budgets."""
+    return [(l, *p) for l in range(profile.num_layers) for p in points_above_hull(profile.curve(l))]
+
+
+def describe_points_above_hull(points: list, total: int, limit: int = 5) -> str:
+    """One line for logs and the ``calibrate`` output: how many of ``total`` measured points lie above
+    their layer's hull, how many of them are non-monotone, and the largest gaps."""
+    if not points:
+        return f"all {total} measured points are on their layer's lower convex hull"
+    worst = sorted(points, key=lambda p: p[2] - p[3], reverse=True)[:limit]
+    shown = "; ".join(f"layer {l} f={f:g} KL {y:.4g} > hull {h:.4g}{' (non-monotone)' if nm else ''}"
+                      for l, f, y, h, nm in worst)
+    return (f"{len(points)} of {total} measured points lie above their layer's lower convex hull and do not shape "
+            f"the budgets ({sum(p[4] for p in points)} non-monotone: KL rising with the keep fraction); "
+            f"largest: {shown}")
+
+
 def water_fill(curves: list, budget: float) -> list:
     """Fractions minimising the summed hull KL with mean ``budget`` (see the module docstring)."""
     L = len(curves)
