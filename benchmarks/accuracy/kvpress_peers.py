@@ -46,7 +46,7 @@ def import_kvpress():
     stands in for that one import (the venv does not install datasets)."""
     if "datasets" not in sys.modules:
         try:
-            import datasets  # noqa: F401
+            import datasets  # noqa: F401  (the real package, where installed)
         except ImportError:
             placeholder = types.ModuleType("datasets")
             placeholder.load_dataset = None
