@@ -56,16 +56,18 @@ def budgets_of(doc: dict) -> list[float]:
     return sorted({float(r["budget"]) for s in doc["samples"] for r in s["runs"] if r["policy"] != "full"})
 
 
-def markdown_table(table: dict, budgets: list[float]) -> str:
-    """Rows = policies, columns = budgets; the full cache (budget 1) spans all columns."""
+def markdown_table(table: dict, budgets: list[float], labels: dict | None = None) -> str:
+    """Rows = policies, columns = budgets; the full cache (budget 1) spans all columns. ``labels``:
+    row names beyond the sweep's own (``LABELS``)."""
+    labels = {**LABELS, **(labels or {})}
     head = "| policy | " + " | ".join(f"{b:.0%}" for b in budgets) + " |"
     lines = [head, "|---|" + "---:|" * len(budgets)]
     for p in _policies(table):
         cells = []
         for b in budgets:
-            key = (p, 1.0) if p == "full" else (p, b)
+            key = (p, 1.0) if (p, 1.0) in table else (p, b)  # a full-cache row spans every budget
             cells.append(f"{table[key][0]:.3f}" if key in table else "–")
-        lines.append(f"| {LABELS.get(p, p)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {labels.get(p, p)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -203,3 +203,32 @@ def test_sweep_arguments_are_checked(tmp_path):
         parse_args(["--policies", "snapkv", "--budgets", "0,0.5"])
     a = parse_args(["--policies", "snapkv,streamingllm", "--budgets", "0.1,0.5", "--lengths", "512", "--counts", "2"])
     assert a.policies == ["snapkv", "streamingllm"] and a.budgets == [0.1, 0.5] and a.counts == [2]
+
+
+def test_peers_report_tables_the_common_samples(tmp_path):
+    from benchmarks.accuracy import peers_report
+
+    ours = _doc()
+    for s, ans in zip(ours["samples"], (["60574"], ["1", "2"])):
+        s["answers"] = ans
+
+    def run(p, b, score):
+        return {"policy": p, "budget": b, "output": "x", "score": score}
+
+    peers = {"format": "sglang-depthkv-accuracy", "version": 1, "command": "python -m benchmarks.accuracy.kvpress_peers Y",
+             "peers": {"kvpress": "0.5.5", "transformers": "5.2.0", "labels": {"snapkv": "kvpress SnapKVPress"}},
+             "samples": [
+                 {"task": "passkey", "target_tokens": 2048, "index": 0, "answers": ["60574"],
+                  "runs": [run("full", 1.0, 1.0), run("kvpress:snapkv", 0.1, 0.5), run("kvpress:snapkv", 0.2, 1.0)]},
+                 {"task": "vartrack", "target_tokens": 2048, "index": 0, "answers": ["A"],  # not in ours: left out
+                  "runs": [run("full", 1.0, 0.0), run("kvpress:snapkv", 0.1, 0.0)]}]}
+    md = peers_report.write(ours, peers, tmp_path / "p.md")
+    lines = md.splitlines()
+    i = lines.index("| policy | 10% |")  # budgets in both runs: 0.1 only; the vartrack sample is only theirs
+    assert lines[i + 2:i + 7] == ["| full cache | 1.000 |", "| uniform SnapKV | 0.000 |", "| DepthKV + SnapKV | 1.000 |",
+                                  "| full cache (kvpress venv) | 1.000 |", "| kvpress SnapKVPress | 0.500 |"]
+    assert "1 common samples" in md
+    assert "Full cache: ours 1.000, the kvpress venv's 1.000." in md
+    peers["samples"][0]["answers"] = ["11111"]
+    with pytest.raises(ValueError, match="expected answers differ"):
+        peers_report.write(ours, peers, tmp_path / "q.md")
