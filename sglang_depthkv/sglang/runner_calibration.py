@@ -13,7 +13,8 @@ built for serving instead of the HF reference model:
 2. the continuation is one extend batch over that prefix, run once over the full cache and once per
    (layer, fraction) with only that layer's mapping row narrowed to the kept positions (the pool's
    slots stay allocated; the row is restored afterwards). Logits for every continuation position
-   come from the model body's final hidden states times the LM head (vocabulary rows only).
+   come from the model body's final hidden states times the LM head (vocabulary rows only, in the
+   weights' dtype), upcast to float32 for the KL.
 
 The keep sets and the KL loop are ``core.calibrate``'s (``keep_sets_from_scores``,
 ``sensitivity_table``). It runs on a provisional full-cache pool (``--kv-policy full`` sizes),
@@ -120,7 +121,12 @@ class RunnerForwards:
         self.start_layer = int(self.pool.start_layer)
         self.num_layers = int(self.pool.layer_num)
         self.vocab_size = int(runner.model_config.vocab_size)
-        self.lm_head = runner.model.lm_head.weight[: self.vocab_size]
+        weight = getattr(runner.model.lm_head, "weight", None)
+        if weight is None or not weight.is_floating_point() or weight.dim() != 2:
+            raise ValueError("--kv-profile: start-up calibration reads the LM head as a float [vocab, hidden] "
+                             "matrix, which this model's is not; run `python -m sglang_depthkv calibrate` and pass "
+                             "--kv-profile")
+        self.lm_head = weight[: self.vocab_size]
         self._tree = _NoTreeCache(page_size=1, device=runner.device,
                                   token_to_kv_pool_allocator=runner.token_to_kv_pool_allocator)
 
@@ -196,7 +202,9 @@ class RunnerForwards:
             finally:
                 if row is not None:
                     self.pool.mapping[layer, ctx_ids] = row
-            return h.float() @ self.lm_head.float().T
+            # in the weights' dtype, as SGLang's logits processor computes them (no float32 copy of the
+            # LM head: 2 GiB for Llama-3.1-8B, next to a pool that fills the device)
+            return (h.to(self.lm_head.dtype) @ self.lm_head.T).float()
 
         return batch, logits
 
