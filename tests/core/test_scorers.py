@@ -58,7 +58,7 @@ def brute_snapkv(obs, kernel=5):
     return out
 
 
-def brute_laprox(obs):
+def brute_laprox(obs, kernel=7):
     p = brute_window_probs(obs)
     v, wo = obs.values.double(), obs.o_proj_weight.double()
     qh, w, n, kvh = len(p), len(p[0]), len(p[0][0]), obs.num_kv_heads
@@ -70,7 +70,13 @@ def brute_laprox(obs):
             a = sum(p[h][i][t] for i in range(w)) / w
             contrib = [sum(v[g, t, j].item() * wo[o, h * d + j].item() for j in range(d)) for o in range(hid)]
             out[g, t] += a * math.sqrt(sum(c * c for c in contrib))
-    return out
+    half = kernel // 2
+    pooled = torch.zeros(kvh, n, dtype=torch.float64)
+    for g in range(kvh):
+        for t in range(n):
+            vals = [out[g, s].item() for s in range(t - half, t + half + 1) if 0 <= s < n]
+            pooled[g, t] = sum(vals) / len(vals)
+    return pooled
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -88,11 +94,18 @@ def test_snapkv_other_kernels_and_window_equal_sequence():
 
 
 @pytest.mark.parametrize("seed", [0, 3])
-def test_laprox_matches_bruteforce(seed):
+@pytest.mark.parametrize("kernel", [7, 3, 1])
+def test_laprox_matches_bruteforce(seed, kernel):
     obs = make_obs(seed)
-    got = LaProxScorer().score(obs)
+    got = (LaProxScorer() if kernel == 7 else LaProxScorer(pool_kernel=kernel)).score(obs)  # 7: the default
     assert got.dtype == torch.float32 and got.shape == (KVH, N)
-    torch.testing.assert_close(got.double(), brute_laprox(obs), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.double(), brute_laprox(obs, kernel), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, 2, -1, 1.5, True])
+def test_laprox_pool_kernel_must_be_a_positive_odd_integer(bad):
+    with pytest.raises(ValueError, match="LaProxScorer: pool_kernel must be a positive odd integer"):
+        LaProxScorer(pool_kernel=bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -121,16 +121,20 @@ def ref_norms(obs):
     return torch.stack([(v[h // (qh // kvh)] @ wo[:, h * d:(h + 1) * d].T).norm(dim=-1) for h in range(qh)])
 
 
-def ref_snapkv(obs, kernel=5):
-    a = ref_probs(obs).mean(dim=1)
-    s = a.reshape(obs.num_kv_heads, -1, obs.num_tokens).sum(dim=1)
-    half, n = kernel // 2, obs.num_tokens
+def ref_pool(s, kernel):
+    """Mean over the positions of each window that exist (float64, by slicing)."""
+    half, n = kernel // 2, s.shape[1]
     return torch.stack([s[:, max(0, t - half):t + half + 1].mean(dim=1) for t in range(n)], dim=1)
 
 
-def ref_laprox(obs):
+def ref_snapkv(obs, kernel=5):
+    a = ref_probs(obs).mean(dim=1)
+    return ref_pool(a.reshape(obs.num_kv_heads, -1, obs.num_tokens).sum(dim=1), kernel)
+
+
+def ref_laprox(obs, kernel=7):
     c = ref_probs(obs).mean(dim=1) * ref_norms(obs)
-    return c.reshape(obs.num_kv_heads, -1, obs.num_tokens).sum(dim=1)
+    return ref_pool(c.reshape(obs.num_kv_heads, -1, obs.num_tokens).sum(dim=1), kernel)
 
 
 def small_obs(n, w, kvh=2, qh=6, d=5, hid=11, dtype=torch.float32, seed=0):

@@ -5,10 +5,17 @@ Per query head h (kv group g = h // (q_heads // kv_heads)), head_dim d, ``W_o = 
 
     a[h, t]     = mean over the w window queries of p[h, i, t]     (``window_attention``)
     c[h, t]     = a[h, t] · || v[g, t, :] · W_o[:, h·d:(h+1)·d]ᵀ ||₂
-    score[g, t] = sum over h in group g of c[h, t]
+    s[g, t]     = sum over h in group g of c[h, t]
+    score[g, :] = avg_pool1d(s[g, :], kernel=pool_kernel, stride=1, padding=pool_kernel//2,
+                             count_include_pad=False)                (``pooling.pool_positions``)
 
-No pooling. ``c`` estimates how much token t moves the layer's output, so scores are comparable
-across heads and layers (the global top-k allocator relies on that). float32 throughout; the norm
+``c`` estimates how much token t moves the layer's output, so scores are comparable across heads
+and layers (the global top-k allocator relies on that). Pooling (default kernel 7) keeps the
+neighbours of an attended token: unpooled, a multi-token answer loses all but its attended token
+(measured on the accuracy tasks: LaProx under the global top-k at 10 / 20 / 30% kept, 12 samples,
+0.000 / 0.167 / 0.267 unpooled, 0.104 / 0.312 / 0.413 with kernel 5, 0.146 / 0.333 / 0.513 with
+kernel 7). Pooling is linear, so tensor-parallel ranks may pool their partial scores before the
+rank sum. float32 throughout; the norm
 is computed through the per-head Gram matrix ``W_hᵀ W_h`` ([d, d]) so the cost does not grow
 with n · hidden.
 
@@ -25,6 +32,7 @@ import torch
 
 from ..types import LayerObservation
 from .base import Scorer
+from .pooling import check_pool_kernel, pool_positions
 from .window_attention import check_query_observation, token_chunks, window_attention_mean
 
 
@@ -54,10 +62,16 @@ def output_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, num_q_heads:
     return out.view(num_q_heads, n).clamp_min(0.0).sqrt()
 
 
+DEFAULT_POOL_KERNEL = 7
+
+
 class LaProxScorer(Scorer):
     name = "laprox"
     query_agnostic = False
     sums_query_heads = True
+
+    def __init__(self, pool_kernel: int = DEFAULT_POOL_KERNEL):
+        self.pool_kernel = check_pool_kernel("LaProxScorer", pool_kernel)
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         check_query_observation(obs, "LaProxScorer")
@@ -70,4 +84,7 @@ class LaProxScorer(Scorer):
         attn = window_attention_mean(obs)  # [qh, n]
         contrib = attn * output_norms(obs.values, obs.o_proj_weight, obs.num_q_heads)  # [qh, n]
         kvh, n = obs.num_kv_heads, obs.num_tokens
-        return contrib.reshape(kvh, obs.num_q_heads // kvh, n).sum(dim=1).contiguous()
+        return pool_positions(contrib.reshape(kvh, obs.num_q_heads // kvh, n).sum(dim=1), self.pool_kernel)
+
+    def __repr__(self) -> str:
+        return f"LaProxScorer(pool_kernel={self.pool_kernel})"

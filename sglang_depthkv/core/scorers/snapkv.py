@@ -22,10 +22,10 @@ Memory: apart from the ``[q_heads, n]`` window means and ``[kv_heads, n]`` score
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..types import LayerObservation
 from .base import Scorer
+from .pooling import check_pool_kernel, pool_positions
 from .window_attention import check_query_observation, window_attention_mean
 
 
@@ -35,20 +35,14 @@ class SnapKVScorer(Scorer):
     sums_query_heads = True
 
     def __init__(self, pool_kernel: int = 5):
-        if isinstance(pool_kernel, bool) or int(pool_kernel) != pool_kernel or pool_kernel < 1 or pool_kernel % 2 == 0:
-            raise ValueError(f"SnapKVScorer: pool_kernel must be a positive odd integer, got {pool_kernel}")
-        self.pool_kernel = int(pool_kernel)
+        self.pool_kernel = check_pool_kernel("SnapKVScorer", pool_kernel)
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         check_query_observation(obs, "SnapKVScorer")
         per_head = window_attention_mean(obs)  # [qh, n]: the window mean, without [qh, w, n] probabilities
         kvh, n = obs.num_kv_heads, obs.num_tokens
         per_kv = per_head.reshape(kvh, obs.num_q_heads // kvh, n).sum(dim=1)  # [kvh, n]
-        if self.pool_kernel == 1:
-            return per_kv.contiguous()
-        pooled = F.avg_pool1d(per_kv.unsqueeze(1), kernel_size=self.pool_kernel, stride=1,
-                              padding=self.pool_kernel // 2, count_include_pad=False)
-        return pooled.squeeze(1).contiguous()
+        return pool_positions(per_kv, self.pool_kernel)
 
     def __repr__(self) -> str:
         return f"SnapKVScorer(pool_kernel={self.pool_kernel})"
