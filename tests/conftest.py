@@ -1,7 +1,5 @@
-"""Test-wide settings: CPU environment for SGLang/Triton, and the kvpress import shim."""
+"""Test-wide settings: CPU environment for SGLang/Triton, GPU-marked tests skipped without CUDA."""
 import os
-import sys
-import types
 
 os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -14,21 +12,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-def import_kvpress():
-    """Import kvpress (installed --no-deps): its package __init__ imports `datasets` for DuoAttention
-    only, which we do not install; a placeholder module stands in for that one import."""
-    if "datasets" not in sys.modules:
-        try:
-            import datasets  # noqa: F401
-        except ImportError:
-            placeholder = types.ModuleType("datasets")
-            placeholder.load_dataset = None
-            sys.modules["datasets"] = placeholder
-    import kvpress
-
-    return kvpress
 
 
 def pytest_collection_modifyitems(config, items):

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import sys
 import time
 import types
@@ -43,7 +41,8 @@ BUDGETS = (0.1, 0.2, 0.3, 0.5)
 
 def import_kvpress():
     """kvpress's package ``__init__`` imports ``datasets`` for DuoAttention only; a placeholder module
-    stands in for that one import (the venv does not install datasets)."""
+    stands in for that one import where datasets is not installed (the peers' venv, the project's
+    venv with kvpress --no-deps for the score cross-checks in the tests)."""
     if "datasets" not in sys.modules:
         try:
             import datasets  # noqa: F401  (the real package, where installed)
@@ -134,10 +133,11 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_transformers()
-    import_kvpress()
+    kvpress = import_kvpress()
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.accuracy.sweep import stop_rule
+    from benchmarks.accuracy.sweep import _write, stop_rule
     from sglang_depthkv.core.haystack import HAYSTACK_NOVELS, haystack_text
     from sglang_depthkv.core.smollm2 import MODEL_NAME, chat_prompt, export_dir_for
     from sglang_depthkv.core.tasks import make_samples, score
@@ -153,8 +153,6 @@ def main(argv=None) -> int:
                            haystack=haystack_text(HAYSTACK_NOVELS), chat=lambda u: chat_prompt(tok, u), seed=args.seed)
     if args.limit is not None:
         samples = samples[: args.limit]
-    import kvpress
-    import transformers
 
     doc = {"format": "sglang-depthkv-accuracy", "version": 1,
            "command": "python -m benchmarks.accuracy.kvpress_peers " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -180,15 +178,12 @@ def main(argv=None) -> int:
         rec["wall_s"] = round(time.time() - t0, 1)
         doc["samples"].append(rec)
         doc["wall_s"] = round(time.time() - t_start, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, args.out)
+        _write(args.out, doc)
         print(f"[{si + 1}/{len(samples)}] {s.task} {n} tok: {rec['wall_s']}s, full={rec['runs'][0]['score']:.2f}, "
               f"mean press={sum(r['score'] for r in rec['runs'][1:]) / max(1, len(rec['runs']) - 1):.2f}", flush=True)
     doc["complete"] = True
     doc["wall_s"] = round(time.time() - t_start, 1)
-    args.out.write_text(json.dumps(doc, indent=1))
+    _write(args.out, doc)
     print(f"done: {len(samples)} samples in {doc['wall_s']}s -> {args.out}")
     return 0
 

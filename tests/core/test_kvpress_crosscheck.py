@@ -13,15 +13,22 @@ Where the definitions differ (all documented in ``core/scorers/snapkv.py``):
   so we compare the kept sets at the same keep count.
 """
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import import_kvpress
-from sglang_depthkv.core.policy import make_policy
-from sglang_depthkv.core.scorers.snapkv import SnapKVScorer
-from sglang_depthkv.core.selection import protect, select_top, token_scores
-from sglang_depthkv.core.types import LayerObservation
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.accuracy.kvpress_peers import import_kvpress  # noqa: E402  (the one kvpress import shim)
+from sglang_depthkv.core.policy import make_policy  # noqa: E402
+from sglang_depthkv.core.scorers.snapkv import SnapKVScorer  # noqa: E402
+from sglang_depthkv.core.selection import protect, select_top, token_scores  # noqa: E402
+from sglang_depthkv.core.types import LayerObservation  # noqa: E402
 
 N, W, KERNEL = 40, 8, 5
 
