@@ -35,14 +35,12 @@ def log_startup_limits(settings) -> None:
 def log_profile_hull(path) -> None:
     """One line on the profile points water-filling does not use (above their layer's lower convex
     hull): a WARNING when some are non-monotone (measurement noise), else INFO."""
-    from sglang_depthkv.core.budgets.depthkv import describe_points_above_hull, profile_points_above_hull
+    from sglang_depthkv.core.budgets.depthkv import profile_hull_report
     from sglang_depthkv.core.profile import load_profile
 
-    profile = load_profile(path)
-    points = profile_points_above_hull(profile)
-    line = f"sglang-depthkv: profile {path}: " + describe_points_above_hull(
-        points, profile.num_layers * len(profile.keep_fractions))
-    if any(p[4] for p in points):
+    report, non_monotone = profile_hull_report(load_profile(path))
+    line = f"sglang-depthkv: profile {path}: {report}"
+    if non_monotone:
         logger.warning(line + "; calibrating on more samples (calibrate --samples) reduces such noise")
     else:
         logger.info(line)

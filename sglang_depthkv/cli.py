@@ -193,11 +193,10 @@ def cmd_calibrate(args) -> int:
     path = write_profile(result, ref.identity, args.scorer, out)
     print(f"wrote {path}: {ref.num_layers} layers x {len(result.keep_fractions)} keep fractions, "
           f"scorer {args.scorer}{where}")
-    from .core.budgets.depthkv import describe_points_above_hull, profile_points_above_hull
+    from .core.budgets.depthkv import profile_hull_report
     from .core.profile import load_profile
 
-    print("profile: " + describe_points_above_hull(profile_points_above_hull(load_profile(path)),
-                                                   ref.num_layers * len(result.keep_fractions)))
+    print("profile: " + profile_hull_report(load_profile(path))[0])
     return 0
 
 

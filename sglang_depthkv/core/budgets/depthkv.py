@@ -78,6 +78,14 @@ def describe_points_above_hull(points: list, total: int, limit: int = 5) -> str:
             f"largest: {shown}")
 
 
+def profile_hull_report(profile) -> tuple[str, bool]:
+    """The ``describe_points_above_hull`` line of a whole profile, and whether any point is
+    non-monotone (the ``calibrate`` output and the server's start-up log both print it)."""
+    points = profile_points_above_hull(profile)
+    line = describe_points_above_hull(points, profile.num_layers * len(profile.keep_fractions))
+    return line, any(p[4] for p in points)
+
+
 def water_fill(curves: list, budget: float) -> list:
     """Fractions minimising the summed hull KL with mean ``budget`` (see the module docstring)."""
     L = len(curves)
