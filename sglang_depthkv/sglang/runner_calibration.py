@@ -160,13 +160,16 @@ class RunnerForwards:
     def prefill_scores(self, req, plan: RunnerCalibrationPlan) -> torch.Tensor:
         """Prefill ``req`` (its prompt is the context); ``[L, n]`` raw token scores from the backend's
         in-forward scoring with the calibration scorer (no pruning)."""
-        from sglang_depthkv.core.policy import make_policy
+        from sglang_depthkv.core.budgets import UniformAllocator
+        from sglang_depthkv.core.policy import PrunePolicy
         from sglang_depthkv.core.scorers import profile_scorer
         from sglang_depthkv.sglang.observations import entries_for_batch
 
         batch, fb = self._batch([req])
-        policy = make_policy("snapkv", 0.5, sinks=plan.sinks, window=plan.window)
-        policy.scorer = profile_scorer(plan.scorer)
+        # the backend scores with the policy's scorer / sinks / window; its budget (< 1: "prunes") and
+        # allocator are never used, as the observer takes the scores before any keep decision
+        policy = PrunePolicy("calibration", profile_scorer(plan.scorer), UniformAllocator(), 0.5, plan.sinks,
+                             plan.window)
         seen: List[torch.Tensor] = []
         self.runner.depthkv_pending_entries = entries_for_batch(batch)
         self.backend.policy, self.backend.score_observer = policy, lambda own: seen.extend(own.values())
