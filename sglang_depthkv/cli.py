@@ -1,4 +1,4 @@
-"""``python -m sglang_depthkv`` subcommands: ``calibrate``, ``train-gates``, ``demo``."""
+"""``python -m sglang_depthkv`` subcommands: ``calibrate``, ``train-gates``, ``export-model``, ``demo``."""
 
 from __future__ import annotations
 
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the end-to-end demo (sglang_depthkv.demo)", add_help=False)
     demo.add_argument("rest", nargs=argparse.REMAINDER)
+    from .core.offline_models import OFFLINE_MODELS
+
+    ex = sub.add_parser("export-model", help="write a packaged real model (GGUF in PyPI packages) as a plain HF "
+                                             "directory once, and print its path (for --model / --model-path)")
+    ex.add_argument("name", choices=tuple(OFFLINE_MODELS))
     return parser
 
 
@@ -225,6 +230,13 @@ def cmd_train_gates(args) -> int:
     return 0
 
 
+def cmd_export_model(args) -> int:
+    from .core.offline_models import offline_model
+
+    print(offline_model(args.name).export_hf_dir())
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
@@ -238,6 +250,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return cmd_calibrate(args)
         if args.command == "train-gates":
             return cmd_train_gates(args)
+        if args.command == "export-model":
+            return cmd_export_model(args)
     except ValueError as exc:
         parser.exit(2, f"{parser.prog} {args.command}: error: {exc}\n")
     parser.error(f"unknown command {args.command}")

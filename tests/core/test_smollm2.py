@@ -84,7 +84,7 @@ def test_export_round_trip(gguf_model, tmp_path):
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "x.txt").write_text("x")
-    with pytest.raises(SmolLM2Error, match="not a complete SmolLM2 export"):
+    with pytest.raises(SmolLM2Error, match="not a complete SmolLM2-135M-Instruct export"):
         export_hf_dir(junk, model=model, tokenizer=tok)
 
 
@@ -172,3 +172,15 @@ def test_batched_decode_matches_reference_decode(gguf_model):
     assert toks2[0] == toks[0][:3]
     with pytest.raises(ValueError, match="max_new_tokens"):
         batched_greedy(ref, pf, keeps, 0)
+
+
+def test_export_model_cli_prints_the_cached_export(capsys):
+    from sglang_depthkv.cli import main
+    from sglang_depthkv.core.smollm2 import SMOLLM2, export_dir_for
+
+    assert main(["export-model", "smollm2"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path == str(export_dir_for()) and SMOLLM2.export_complete(export_dir_for())
+    with pytest.raises(SystemExit):
+        main(["export-model", "llama-70b"])
+    assert "invalid choice: 'llama-70b'" in capsys.readouterr().err
