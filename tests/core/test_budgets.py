@@ -121,7 +121,7 @@ def hull_kl(curve, f):
 @given(profiles_st, st.floats(0.1, 1.0))
 def test_depthkv_mean_bounds_and_optimal(profile, b):
     L = profile.num_layers
-    alloc = DepthKVAllocator(profile)
+    alloc = DepthKVAllocator(profile, step=None)
     fr = alloc.layer_fractions(L, b)
     assert len(fr) == L and all(0.1 - 1e-12 <= f <= 1.0 for f in fr)
     assert sum(fr) / L == pytest.approx(b, abs=1e-9)
@@ -139,10 +139,11 @@ def test_depthkv_mean_bounds_and_optimal(profile, b):
 
 
 @FAST
-@given(profiles_st, budgets_st, budgets_st, st.integers(1, 300), st.integers(0, 4), st.integers(0, 20))
-def test_depthkv_monotone_and_exact(profile, b1, b2, n, sinks, window):
+@given(profiles_st, budgets_st, budgets_st, st.integers(1, 300), st.integers(0, 4), st.integers(0, 20),
+       st.sampled_from([None, 0.01, 0.07]))
+def test_depthkv_monotone_and_exact(profile, b1, b2, n, sinks, window, step):
     L = profile.num_layers
-    alloc = DepthKVAllocator(profile)
+    alloc = DepthKVAllocator(profile, step=step)
     lo, hi = sorted((b1, b2))
     f_lo, f_hi = alloc.layer_fractions(L, lo), alloc.layer_fractions(L, hi)
     assert all(a <= c + 1e-12 for a, c in zip(f_lo, f_hi))
@@ -153,26 +154,89 @@ def test_depthkv_monotone_and_exact(profile, b1, b2, n, sinks, window):
 
 
 @FAST
-@given(curve_st, st.floats(1.01, 10.0), st.floats(0.1, 1.0))
-def test_depthkv_dominating_layer_keeps_more(curve, c, b):
+@given(curve_st, st.floats(1.01, 10.0), st.floats(0.1, 1.0), st.sampled_from([None, 0.01]))
+def test_depthkv_dominating_layer_keeps_more(curve, c, b, step):
     profile = make_profile([curve, [c * v for v in curve]])
-    f0, f1 = DepthKVAllocator(profile).layer_fractions(2, b)
+    f0, f1 = DepthKVAllocator(profile, step=step).layer_fractions(2, b)
     assert f1 >= f0 - 1e-12
 
 
 def test_depthkv_known_solution():
     # layer 0 barely sensitive, layer 1 very sensitive: layer 1 fills up to 1.0 first
     p = make_profile([[0.2, 0.1, 0.05], [8.0, 4.0, 2.0]])
-    assert DepthKVAllocator(p).layer_fractions(2, 0.55) == pytest.approx([0.1, 1.0], abs=1e-12)
-    assert DepthKVAllocator(p).layer_fractions(2, 0.3) == pytest.approx([0.1, 0.5], abs=1e-12)
+    assert DepthKVAllocator(p, step=None).layer_fractions(2, 0.55) == pytest.approx([0.1, 1.0], abs=1e-12)
+    assert DepthKVAllocator(p, step=None).layer_fractions(2, 0.3) == pytest.approx([0.1, 0.5], abs=1e-12)
     # identical layers get identical fractions; below the measured range: uniform
     q = make_profile([[3.0, 2.0, 1.0]] * 3)
-    assert DepthKVAllocator(q).layer_fractions(3, 0.4) == pytest.approx([0.4] * 3, abs=1e-12)
-    assert DepthKVAllocator(p).layer_fractions(2, 0.05) == [0.05, 0.05]
+    for step in (None, 0.01):
+        assert DepthKVAllocator(q, step=step).layer_fractions(3, 0.4) == pytest.approx([0.4] * 3, abs=1e-12)
+        assert DepthKVAllocator(p, step=step).layer_fractions(2, 0.05) == [0.05, 0.05]
     with pytest.raises(ValueError, match="2 layers"):
         DepthKVAllocator(p).layer_fractions(3, 0.5)
     with pytest.raises(ValueError, match="SensitivityProfile"):
         DepthKVAllocator({"sensitivity": []})
+    for bad in (0, 1, -0.1, "0.01"):
+        with pytest.raises(ValueError, match="step"):
+            DepthKVAllocator(p, step=bad)
+
+
+def brute_hull_vertices(curve):
+    """Measured points on their lower hull (brute force: a point is a vertex iff it is not above any
+    chord of two other points bracketing it and not in the middle of a straight chord)."""
+    verts = []
+    for i, (x, y) in enumerate(curve):
+        inner = [hull_kl([p for j, p in enumerate(curve) if j != i], x)] if 0 < i < len(curve) - 1 else [math.inf]
+        if y < inner[0] - 1e-12:
+            verts.append((x, y))
+    return verts
+
+
+def geometric_kl(curve, f):
+    """Float64 reference of the interpolated curve: between the brute-force hull's vertices
+    ``y0 * (y1 / y0) ** t`` when both are positive, else the chord."""
+    v = brute_hull_vertices(curve)
+    for (x0, y0), (x1, y1) in zip(v, v[1:]):
+        if x0 <= f <= x1:
+            t = (f - x0) / (x1 - x0)
+            return y0 * (y1 / y0) ** t if y0 > 0 and y1 > 0 else y0 + (y1 - y0) * t
+    raise AssertionError(f"{f} outside {v}")
+
+
+@FAST
+@given(curve_st)
+def test_interpolated_curve_is_the_geometric_formula(curve):
+    from sglang_depthkv.core.budgets.depthkv import interpolated_curve
+
+    pts = make_profile([curve]).curve(0)  # measured fractions plus (1, 0)
+    got = interpolated_curve(pts, 0.01)
+    xs = [x for x, _ in got]
+    assert xs == sorted(xs) and xs[0] == 0.1 and xs[-1] == 1.0
+    assert all(any(abs(x - k / 100) < 1e-9 for k in range(101)) or x in (0.25, 0.5) for x in xs)
+    assert len(got) >= 91
+    for x, y in got:
+        assert y == pytest.approx(geometric_kl(pts, x), rel=1e-9, abs=1e-12)
+
+
+@FAST
+@given(profiles_st, st.floats(0.1, 1.0))
+def test_depthkv_between_grid_points_is_optimal_on_the_interpolated_curves(profile, b):
+    """With ``step`` 0.01 the fractions minimise the summed hull of the interpolated curves (float64
+    reference above): no transfer of 0.01 or 0.001 between two layers lowers it, the mean is b."""
+    L = profile.num_layers
+    fr = DepthKVAllocator(profile, step=0.01).layer_fractions(L, b)
+    assert sum(fr) / L == pytest.approx(b, abs=1e-9)
+    samples = [[(k / 100, geometric_kl(profile.curve(l), k / 100)) for k in range(10, 101)]
+               + [(x, geometric_kl(profile.curve(l), x)) for x in (0.25,)] for l in range(L)]
+    samples = [sorted(s) for s in samples]
+    cost = sum(hull_kl(s, f) for s, f in zip(samples, fr))
+    for i in range(L):
+        for j in range(L):
+            for eps in (1e-3, 0.01):
+                if i != j and fr[i] - eps >= 0.1 - 1e-12 and fr[j] + eps <= 1.0 + 1e-12:
+                    moved = list(fr)
+                    moved[i] -= eps
+                    moved[j] += eps
+                    assert sum(hull_kl(s, f) for s, f in zip(samples, moved)) >= cost - 1e-7
 
 
 def brute_global_topk(scores, n, L, b, sinks, window, max_fraction):

@@ -13,12 +13,24 @@ together by equal amounts (so identical curves get identical fractions). With co
 greedy order is optimal, and every f_l is non-decreasing in ``b``. A layer whose curve is ``c``
 times another's (c > 1) has steeper slopes, so it keeps at least as much.
 
+Between measured points (``step``, default 0.01): with the hull's vertices alone the optimum sits
+on them, so every layer but one lands on a measured fraction (at 10% kept, most layers at the
+smallest one). A KL curve falls roughly geometrically with the keep fraction, and the chord of a
+convex curve overstates it between its points, so each hull segment whose ends are both positive is
+replaced by the geometric interpolation ``y0·(y1/y0)^((f−f0)/(f1−f0))`` (convex inside the
+segment; linear where an end is 0, e.g. towards ``(1, 0)``), sampled at every multiple of ``step``
+plus the vertices; water-filling then runs on the lower convex hull of those samples, so fractions
+fall between measured points, on the ``step`` grid. ``step=None`` water-fills the measured hull.
+
 Below the measured range (``b ≤ f_1``) the profile says nothing about the trade-off: every layer
 gets ``b`` (uniform). The result has mean ``b`` (up to float rounding; ``apportion`` makes the
 integer counts exact) and every fraction in (0, 1].
 """
 
 from __future__ import annotations
+
+import math
+from typing import Optional
 
 from .base import LayerBudgetAllocator, _check_int, check_budget
 
@@ -86,6 +98,28 @@ def profile_hull_report(profile) -> tuple[str, bool]:
     return line, any(p[4] for p in points)
 
 
+def interpolated_curve(curve: list, step: float) -> list:
+    """The measured curve's lower convex hull with each segment interpolated geometrically (linearly
+    where an end is 0), sampled at every multiple of ``step`` inside it plus the hull's vertices
+    (see the module docstring); sorted by keep fraction."""
+    hull = lower_convex_hull(curve)
+    xs = {x for x, _ in hull}
+    k = math.ceil(hull[0][0] / step - 1e-9)
+    while k * step < hull[-1][0] - 1e-9:
+        xs.add(k * step)
+        k += 1
+    out = []
+    j = 1
+    for x in sorted(xs):
+        while hull[j][0] < x:
+            j += 1
+        (x0, y0), (x1, y1) = hull[j - 1], hull[j]
+        t = (x - x0) / (x1 - x0)
+        y = y0 * (y1 / y0) ** t if y0 > 0 and y1 > 0 else y0 + (y1 - y0) * t
+        out.append((x, y))
+    return out
+
+
 def water_fill(curves: list, budget: float) -> list:
     """Fractions minimising the summed hull KL with mean ``budget`` (see the module docstring)."""
     L = len(curves)
@@ -119,24 +153,36 @@ def water_fill(curves: list, budget: float) -> list:
     return [min(1.0, p) for p in pos]
 
 
+DEFAULT_STEP = 0.01
+
+
 class DepthKVAllocator(LayerBudgetAllocator):
     name = "depthkv"
     score_dependent = False
 
-    def __init__(self, profile):
+    def __init__(self, profile, step: Optional[float] = DEFAULT_STEP):
         from ..profile import SensitivityProfile
 
         if not isinstance(profile, SensitivityProfile):
             raise ValueError(f"DepthKVAllocator needs a SensitivityProfile (core.profile.load_profile), "
                              f"got {type(profile).__name__}")
+        if step is not None and not (isinstance(step, (int, float)) and 0 < step < 1):
+            raise ValueError(f"DepthKVAllocator: step must be None or in (0, 1), got {step!r}")
         self.profile = profile
-        self._curves = [profile.curve(l) for l in range(profile.num_layers)]
+        self.step = step
+        curves = [profile.curve(l) for l in range(profile.num_layers)]
+        self._curves = curves if step is None else [interpolated_curve(c, step) for c in curves]
+        self._fractions: dict = {}  # budget -> fractions (water-filling runs once per budget)
 
     def layer_fractions(self, num_layers: int, budget: float) -> list[float]:
         L = _check_int("num_layers", num_layers, 1)
         if L != self.profile.num_layers:
             raise ValueError(f"DepthKVAllocator: the profile has {self.profile.num_layers} layers, asked for {L}")
-        return water_fill(self._curves, check_budget(budget))
+        b = check_budget(budget)
+        if b not in self._fractions:
+            self._fractions[b] = water_fill(self._curves, b)
+        return list(self._fractions[b])
 
     def __repr__(self) -> str:
-        return f"DepthKVAllocator(profile for {self.profile.num_layers} layers, scorer {self.profile.scorer!r})"
+        return (f"DepthKVAllocator(profile for {self.profile.num_layers} layers, scorer {self.profile.scorer!r}, "
+                f"step {self.step})")
