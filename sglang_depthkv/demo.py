@@ -94,7 +94,10 @@ def get_profile(args, ref, tok, cache_dir: Path):
         return load_profile(args.profile, ref.identity), args.profile, "given"
     cal = QUICK_CALIBRATION if args.quick else CALIBRATION
     ctx, samples = cal["context_tokens"], cal["samples"]
-    path = cache_dir / f"smollm2-profile-snapkv-c{ctx}-s{samples}-f{len(cal['keep_fractions'])}.json"
+    from .core.scorers.pooling import DEFAULT_POOL_KERNEL
+
+    path = cache_dir / (f"smollm2-profile-snapkv-k{DEFAULT_POOL_KERNEL}-c{ctx}-s{samples}"
+                        f"-f{len(cal['keep_fractions'])}.json")
     if path.is_file():
         return load_profile(path, ref.identity), path, "cached"
     import torch

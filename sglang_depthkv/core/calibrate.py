@@ -167,13 +167,18 @@ def calibrate(ref: ReferenceModel, tokens, *, keep_fractions=(0.1, 0.2, 0.3, 0.5
             bar.close()
     sens = torch.stack(per).mean(0)
     return CalibrationResult(fractions, sens, per, calibration_settings(samples, context_tokens, continuation_tokens,
-                                                                      window, sinks))
+                                                                      window, sinks, scorer_obj))
 
 
-def calibration_settings(samples: int, context_tokens: int, continuation_tokens: int, window: int, sinks: int) -> dict:
-    """The ``calibration`` record of a profile (both calibration paths write the same keys)."""
+def calibration_settings(samples: int, context_tokens: int, continuation_tokens: int, window: int, sinks: int,
+                         scorer) -> dict:
+    """The ``calibration`` record of a profile (both calibration paths write the same keys), with the
+    scorer's pool kernel when it pools (DepthKV then serves with that kernel)."""
+    from .scorers import scorer_record
+
     return {"samples": samples, "context_tokens": context_tokens, "continuation_tokens": continuation_tokens,
-            "window": window, "sinks": sinks, "keep_rule": "min(n, max(min(n, sinks+window), floor(f*n+0.5)))"}
+            "window": window, "sinks": sinks, "keep_rule": "min(n, max(min(n, sinks+window), floor(f*n+0.5)))",
+            **scorer_record(scorer)}
 
 
 def write_profile(result: CalibrationResult, identity, scorer: str, path):

@@ -152,8 +152,10 @@ def make_policy(name: str, budget: float, *, profile: Optional[SensitivityProfil
             raise ValueError(f"policy 'depthkv': profile must be a SensitivityProfile, got {type(profile).__name__}")
         from .scorers import profile_scorer
 
-        # the scorer the profile was calibrated with: its sensitivities measured that scorer's pruning
-        return PrunePolicy(name, profile_scorer(profile.scorer), DepthKVAllocator(profile), budget, sinks, window)
+        # the scorer the profile was calibrated with (and its recorded pool kernel): its sensitivities
+        # measured that scorer's pruning
+        scorer = profile_scorer(profile.scorer, profile.calibration.get("pool_kernel"))
+        return PrunePolicy(name, scorer, DepthKVAllocator(profile), budget, sinks, window)
     if name == "laprox":
         return PrunePolicy(name, LaProxScorer(), GlobalTopKAllocator(), budget, sinks, window)
     # kvzip

@@ -8,7 +8,9 @@ File format (version 1)::
      "keep_fractions": [f_1, ..., f_F],           # strictly increasing, in (0, 1]
      "sensitivity": [[KL at f_1..f_F] per layer], # shape (num_layers, F), finite, >= 0
      "metric": "kl_next_token",
-     "calibration": {...}}                        # free-form settings of the calibration run
+     "calibration": {...}}                        # settings of the calibration run; "pool_kernel":
+                                                  # the pooled scorer's kernel, which DepthKV then
+                                                  # serves with (absent: the scorer's default)
 
 KL at keep fraction 1.0 is 0 by definition (nothing pruned); it is implied when 1.0 is not listed,
 and must be 0 when it is. Every error is a ``ProfileError`` (a ``ValueError``) naming the problem
@@ -102,6 +104,13 @@ class SensitivityProfile:
             raise ProfileError(f"{where}: 'metric' must be a non-empty string, got {self.metric!r}")
         if not isinstance(self.calibration, dict):
             raise ProfileError(f"{where}: 'calibration' must be an object, got {type(self.calibration).__name__}")
+        if "pool_kernel" in self.calibration:
+            from .scorers import profile_scorer
+
+            try:
+                profile_scorer(self.scorer, self.calibration["pool_kernel"])
+            except (ValueError, TypeError) as e:
+                raise ProfileError(f"{where}: calibration.pool_kernel: {e}") from None
         fr = self.keep_fractions
         if not isinstance(fr, (list, tuple)) or not fr or not all(_number(f) for f in fr):
             raise ProfileError(f"{where}: 'keep_fractions' must be a non-empty list of numbers, got {fr!r}")

@@ -236,6 +236,7 @@ def calibrate_with_runner(runner, plan: RunnerCalibrationPlan, tokens: torch.Ten
     """``core.calibrate.CalibrationResult`` measured through ``runner`` (see the module docstring)."""
     from sglang_depthkv.core.calibrate import (CalibrationResult, calibration_settings, check_fractions,
                                                keep_sets_from_scores, sensitivity_table, token_samples)
+    from sglang_depthkv.core.scorers import profile_scorer
 
     fractions = check_fractions(plan.keep_fractions)
     fw = RunnerForwards(runner)
@@ -262,5 +263,5 @@ def calibrate_with_runner(runner, plan: RunnerCalibrationPlan, tokens: torch.Ten
             fw.release(batch, req)
     sens = torch.stack(per).mean(0)
     settings = calibration_settings(plan.samples, plan.context_tokens, plan.continuation_tokens, plan.window,
-                                    plan.sinks)
+                                    plan.sinks, profile_scorer(plan.scorer))
     return CalibrationResult(fractions, sens, per, settings), time.monotonic() - t0

@@ -126,6 +126,7 @@ def test_calibrate_profile_via_cli(tmp_path, model):
     assert data["format"] == "sglang-depthkv-profile" and data["version"] == 1
     assert data["scorer"] == "snapkv" and data["metric"] == "kl_next_token"
     assert data["keep_fractions"] == [0.3, 0.6, 1.0]
+    assert data["calibration"]["pool_kernel"] == 7  # the kernel DepthKV will serve this profile with
     sens = torch.tensor(data["sensitivity"])
     assert sens.shape == (4, 3) and (sens >= 0).all() and (sens[:, -1] == 0).all() and (sens[:, 0] > 0).all()
     assert data["model"]["num_layers"] == 4 and data["model"]["num_key_value_heads"] == 2

@@ -116,3 +116,22 @@ def test_constructor_and_save_validate(tmp_path):
         SensitivityProfile(IDENT, "snapkv", [0.1, 0.5], [[1.0, 0.5]])
     with pytest.raises(ValueError, match="SensitivityProfile"):
         save_profile(good_doc(), tmp_path / "x.json")
+
+
+def test_recorded_pool_kernel_is_served_and_checked(tmp_path):
+    """A profile records its scorer's pool kernel; DepthKV serves with that kernel, not the default."""
+    from sglang_depthkv.core.policy import make_policy
+    from sglang_depthkv.core.scorers.pooling import DEFAULT_POOL_KERNEL
+
+    doc = good_doc()
+    doc["calibration"]["pool_kernel"] = 5
+    pol = make_policy("depthkv", 0.3, profile=load_profile(write(tmp_path, doc), IDENT))
+    assert pol.scorer.name == "snapkv" and pol.scorer.pool_kernel == 5
+    del doc["calibration"]["pool_kernel"]  # not recorded: the scorer's default kernel
+    assert make_policy("depthkv", 0.3, profile=load_profile(write(tmp_path, doc))).scorer.pool_kernel == DEFAULT_POOL_KERNEL
+    doc["calibration"]["pool_kernel"] = 4
+    with pytest.raises(ProfileError, match="calibration.pool_kernel: SnapKVScorer: pool_kernel must be a positive odd"):
+        load_profile(write(tmp_path, doc))
+    doc.update(scorer="streamingllm", calibration={"pool_kernel": 5})
+    with pytest.raises(ProfileError, match="'streamingllm' does not pool its scores"):
+        load_profile(write(tmp_path, doc))

@@ -43,7 +43,7 @@ def brute_window_probs(obs):
     return p
 
 
-def brute_snapkv(obs, kernel=5):
+def brute_snapkv(obs, kernel=7):
     p = brute_window_probs(obs)
     qh, w, n, kvh = len(p), len(p[0]), len(p[0][0]), obs.num_kv_heads
     grp = qh // kvh

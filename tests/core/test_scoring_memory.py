@@ -127,7 +127,7 @@ def ref_pool(s, kernel):
     return torch.stack([s[:, max(0, t - half):t + half + 1].mean(dim=1) for t in range(n)], dim=1)
 
 
-def ref_snapkv(obs, kernel=5):
+def ref_snapkv(obs, kernel=7):
     a = ref_probs(obs).mean(dim=1)
     return ref_pool(a.reshape(obs.num_kv_heads, -1, obs.num_tokens).sum(dim=1), kernel)
 

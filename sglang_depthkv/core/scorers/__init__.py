@@ -12,13 +12,28 @@ from .streaming_llm import StreamingLLMScorer
 PROFILE_SCORERS = {"snapkv": SnapKVScorer, "streamingllm": StreamingLLMScorer, "laprox": LaProxScorer}
 
 
-def profile_scorer(name: str) -> Scorer:
-    """The scorer a DepthKV profile is calibrated and served with, by name."""
+# Profile scorers that pool their scores along positions: the profile records the kernel
+# (``calibration.pool_kernel``) and DepthKV serves with the kernel the profile was measured with.
+POOLED_SCORERS = ("snapkv", "laprox")
+
+
+def profile_scorer(name: str, pool_kernel=None) -> Scorer:
+    """The scorer a DepthKV profile is calibrated and served with, by name; ``pool_kernel`` (pooled
+    scorers only) overrides the scorer's default kernel."""
     if name not in PROFILE_SCORERS:
         raise ValueError(f"scorer {name!r} cannot calibrate or serve a DepthKV profile; choose one of "
                          f"{', '.join(PROFILE_SCORERS)}")
-    return PROFILE_SCORERS[name]()
+    if pool_kernel is None:
+        return PROFILE_SCORERS[name]()
+    if name not in POOLED_SCORERS:
+        raise ValueError(f"scorer {name!r} does not pool its scores: it takes no pool_kernel (got {pool_kernel!r})")
+    return PROFILE_SCORERS[name](pool_kernel=pool_kernel)
+
+
+def scorer_record(scorer: Scorer) -> dict:
+    """What a profile records about its scorer beyond the name: the pool kernel of a pooled scorer."""
+    return {"pool_kernel": scorer.pool_kernel} if hasattr(scorer, "pool_kernel") else {}
 
 
 __all__ = ["Scorer", "FullScorer", "StreamingLLMScorer", "SnapKVScorer", "LaProxScorer", "PROFILE_SCORERS",
-           "profile_scorer"]
+           "POOLED_SCORERS", "profile_scorer", "scorer_record"]

@@ -32,7 +32,7 @@ import torch
 
 from ..types import LayerObservation
 from .base import Scorer
-from .pooling import check_pool_kernel, pool_positions
+from .pooling import DEFAULT_POOL_KERNEL, check_pool_kernel, pool_positions
 from .window_attention import check_query_observation, token_chunks, window_attention_mean
 
 
@@ -60,9 +60,6 @@ def output_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, num_q_heads:
             proj = torch.matmul(v, gram).view(hi - lo, group, d)  # row t, block r: v[t] Gram_r
             out[g, :, lo:hi] = (proj * v.unsqueeze(1)).sum(dim=-1).T
     return out.view(num_q_heads, n).clamp_min(0.0).sqrt()
-
-
-DEFAULT_POOL_KERNEL = 7
 
 
 class LaProxScorer(Scorer):

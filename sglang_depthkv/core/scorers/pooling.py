@@ -5,13 +5,18 @@
 (``avg_pool1d``, stride 1, ``count_include_pad=False``: edge positions average over the positions
 that exist). A kept token then tends to bring its neighbours along, which multi-token answers need
 (a 5-digit number spans several tokens; unpooled, the attended first digit is kept and the next
-ones dropped).
+ones dropped). Kernel 7 is the default of both scorers: on the accuracy sweep's tasks it keeps
+more answers than 5 at 10% kept and no fewer elsewhere (SnapKV, 12 samples at 2k/4k tokens, 10 /
+20 / 30% kept: 0.283 / 0.550 / 0.575 with kernel 5, 0.433 / 0.554 / 0.654 with kernel 7).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+DEFAULT_POOL_KERNEL = 7
 
 
 def check_pool_kernel(owner: str, pool_kernel) -> int:

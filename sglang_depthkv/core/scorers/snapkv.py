@@ -6,7 +6,7 @@
     score[g, :]  = avg_pool1d(s[g, :], kernel=pool_kernel, stride=1, padding=pool_kernel//2,
                               count_include_pad=False)
 
-float32 throughout. Differences from kvpress 0.5.5's ``SnapKVPress`` (checked in
+(``pool_kernel`` 7 by default, see ``pooling``; kvpress's default is 5.) float32 throughout. Differences from kvpress 0.5.5's ``SnapKVPress`` (checked in
 ``tests/core/test_kvpress_crosscheck.py``): kvpress averages over the GQA group (we sum: a factor
 ``q_heads/kv_heads``, the same ranking); kvpress scores only the first ``n - w`` tokens, pools them
 with ``count_include_pad=True`` (edge positions divided by the full kernel) and gives the window's
@@ -25,7 +25,7 @@ import torch
 
 from ..types import LayerObservation
 from .base import Scorer
-from .pooling import check_pool_kernel, pool_positions
+from .pooling import DEFAULT_POOL_KERNEL, check_pool_kernel, pool_positions
 from .window_attention import check_query_observation, window_attention_mean
 
 
@@ -34,7 +34,7 @@ class SnapKVScorer(Scorer):
     query_agnostic = False
     sums_query_heads = True
 
-    def __init__(self, pool_kernel: int = 5):
+    def __init__(self, pool_kernel: int = DEFAULT_POOL_KERNEL):
         self.pool_kernel = check_pool_kernel("SnapKVScorer", pool_kernel)
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
