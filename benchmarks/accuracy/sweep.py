@@ -1,4 +1,5 @@
-"""Accuracy sweep: RULER-style tasks on SmolLM2-135M-Instruct (real weights, CPU, float32).
+"""Accuracy sweep: RULER-style tasks on a packaged real model (``--model``: SmolLM2-135M-Instruct or
+Qwen2.5-Coder-0.5B-Instruct; real weights, CPU, float32).
 
 One prefill per sample is shared by every (policy, budget): the full-cache prefill
 (:func:`sglang_depthkv.core.sdpa_prefill.sdpa_prefill`, same FullPrefill as the reference path)
@@ -26,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-POLICIES = ("snapkv", "pyramid", "depthkv", "laprox", "kvzip", "streamingllm")
+POLICIES = ("snapkv", "pyramid", "depthkv", "laprox", "kvzip", "streamingllm", "depthkv_laprox")
 BUDGETS = (0.1, 0.2, 0.3, 0.5)
 LABELS = {
     "full": "full cache", "snapkv": "uniform SnapKV", "pyramid": "pyramid (SnapKV)",
     "depthkv": "DepthKV + SnapKV", "laprox": "LaProx global", "kvzip": "KVzip gates",
-    "streamingllm": "StreamingLLM",
+    "streamingllm": "StreamingLLM", "depthkv_laprox": "DepthKV + LaProx",
 }
 
 
@@ -45,13 +46,19 @@ def _floats(s: str) -> list[float]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.accuracy.sweep", description=__doc__.split("\n\n")[0])
+    from sglang_depthkv.core.offline_models import OFFLINE_MODELS
+
+    p.add_argument("--model", default="smollm2", choices=tuple(OFFLINE_MODELS))
     p.add_argument("--tasks", default="passkey,multikey,multivalue,vartrack")
     p.add_argument("--lengths", default="2048,4096,8000", help="target prompt lengths in tokens")
     p.add_argument("--counts", default="3,2,1", help="samples per task at each length")
-    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--policies", default=",".join(POLICIES[:-1]),
+                   help=f"comma-separated, from {','.join(POLICIES)} (depthkv_laprox: DepthKV budgets from "
+                        "--laprox-profile, a profile calibrated with --scorer laprox, scoring with LaProx)")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     p.add_argument("--profile", type=Path, help="DepthKV profile JSON (needed for depthkv)")
     p.add_argument("--gates", type=Path, help="KVzip gate file (needed for kvzip)")
+    p.add_argument("--laprox-profile", type=Path, help="DepthKV profile calibrated with LaProx (needed for depthkv_laprox)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--window", type=int, default=32)
@@ -69,7 +76,8 @@ def parse_args(argv=None):
     if len(a.lengths) != len(a.counts):
         p.error(f"--lengths has {len(a.lengths)} entries, --counts {len(a.counts)}")
     if any(n < 256 or n > 8100 for n in a.lengths):
-        p.error("--lengths must lie in [256, 8100] (SmolLM2's context is 8192 incl. the answer)")
+        p.error("--lengths must lie in [256, 8100] (SmolLM2's context is 8192 incl. the answer; the sweep's "
+                "haystacks are sized for both models up to there)")
     a.policies = [x for x in a.policies.split(",") if x]
     bad = [x for x in a.policies if x not in POLICIES]
     if bad:
@@ -79,6 +87,9 @@ def parse_args(argv=None):
         p.error("--budgets must lie in (0, 1]")
     if "depthkv" in a.policies and (a.profile is None or not a.profile.is_file()):
         p.error(f"depthkv needs --profile (a calibrated profile file), got {a.profile}")
+    if "depthkv_laprox" in a.policies and (a.laprox_profile is None or not a.laprox_profile.is_file()):
+        p.error(f"depthkv_laprox needs --laprox-profile (a profile calibrated with --scorer laprox), "
+                f"got {a.laprox_profile}")
     if "kvzip" in a.policies and (a.gates is None or not a.gates.is_file()):
         p.error(f"kvzip needs --gates (a trained gate file), got {a.gates}")
     return a
@@ -123,24 +134,33 @@ def main(argv=None) -> int:
     from sglang_depthkv.core.policy import make_policy
     from sglang_depthkv.core.reference import ReferenceModel
     from sglang_depthkv.core.sdpa_prefill import sdpa_prefill
-    from sglang_depthkv.core.smollm2 import GGUF_NAME, GGUF_SHA256, MODEL_NAME, chat_prompt, load_smollm2
+    from sglang_depthkv.core.gguf_model import chat_prompt
+    from sglang_depthkv.core.offline_models import offline_model
 
     from .batched_decode import batched_greedy
     from sglang_depthkv.core.tasks import make_samples, score
 
     torch.manual_seed(args.seed)
-    model, tok = load_smollm2()
-    ref = ReferenceModel(model, name=MODEL_NAME)
-    profile = gates = None
-    if "depthkv" in args.policies:
-        from sglang_depthkv.core.profile import load_profile
+    spec = offline_model(args.model)
+    model, tok = spec.load()
+    ref = ReferenceModel(model, name=spec.name)
+    profiles = {}
+    from sglang_depthkv.core.profile import load_profile
 
-        profile = load_profile(args.profile, expected=ref.identity)
+    if "depthkv" in args.policies:
+        profiles["depthkv"] = load_profile(args.profile, expected=ref.identity)
+    if "depthkv_laprox" in args.policies:
+        profiles["depthkv_laprox"] = load_profile(args.laprox_profile, expected=ref.identity)
+        if profiles["depthkv_laprox"].scorer != "laprox":
+            raise SystemExit(f"--laprox-profile {args.laprox_profile} was calibrated with "
+                             f"{profiles['depthkv_laprox'].scorer!r}, not laprox")
+    gates = None
     if "kvzip" in args.policies:
         from sglang_depthkv.core.gates import load_gates
 
         gates = load_gates(args.gates, expected=ref.identity)
-    policies = {(name, b): make_policy(name, b, profile=profile, gates=gates, sinks=args.sinks, window=args.window)
+    policies = {(name, b): make_policy("depthkv" if name == "depthkv_laprox" else name, b, profile=profiles.get(name),
+                                       gates=gates, sinks=args.sinks, window=args.window)
                 for name in args.policies for b in args.budgets}
     stop = stop_rule(tok)
     samples = make_samples(args.tasks, dict(zip(args.lengths, args.counts)), tokenizer=tok,
@@ -148,11 +168,12 @@ def main(argv=None) -> int:
     doc = {
         "format": "sglang-depthkv-accuracy", "version": 1,
         "command": "python -m benchmarks.accuracy.sweep " + " ".join(sys.argv[1:] if argv is None else argv),
-        "model": {"name": MODEL_NAME, "gguf": GGUF_NAME, "sha256": GGUF_SHA256, "dtype": "float32",
+        "model": {"name": spec.name, "gguf": spec.gguf_name, "sha256": spec.sha256, "dtype": "float32",
                   "num_layers": ref.num_layers},
         "config": {"tasks": args.tasks, "lengths": args.lengths, "counts": args.counts, "policies": args.policies,
                    "budgets": args.budgets, "seed": args.seed, "sinks": args.sinks, "window": args.window,
                    "profile": str(args.profile) if args.profile else None,
+                   "laprox_profile": str(args.laprox_profile) if args.laprox_profile else None,
                    "gates": str(args.gates) if args.gates else None, "haystack": list(HAYSTACK_NOVELS),
                    "torch_threads": torch.get_num_threads()},
         "samples": [], "wall_s": None, "complete": False,

@@ -17,7 +17,7 @@ def _total_keep(n, L, b, sinks=4, window=32):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = io.StringIO()
-    args = build_parser().parse_args(["--context-tokens", "1024", "--index", "0", "--budget", "0.3", "--quick",
+    args = build_parser().parse_args(["--task", "passkey", "--context-tokens", "1024", "--index", "0", "--budget", "0.3", "--quick",
                                       "--cache-dir",
                                       str(tmp_path_factory.mktemp("demo-cache"))])
     res = run(args, out=out)

@@ -203,6 +203,26 @@ def test_sweep_arguments_are_checked(tmp_path):
         parse_args(["--policies", "snapkv", "--budgets", "0,0.5"])
     a = parse_args(["--policies", "snapkv,streamingllm", "--budgets", "0.1,0.5", "--lengths", "512", "--counts", "2"])
     assert a.policies == ["snapkv", "streamingllm"] and a.budgets == [0.1, 0.5] and a.counts == [2]
+    assert a.model == "smollm2"
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "qwen", "--policies", "snapkv"])
+    with pytest.raises(SystemExit):  # DepthKV + LaProx needs a LaProx-calibrated profile
+        parse_args(["--policies", "depthkv_laprox"])
+    a = parse_args(["--model", "qwen2.5-coder-0.5b", "--policies", "snapkv"])
+    assert a.model == "qwen2.5-coder-0.5b"
+
+
+def test_report_names_outputs_after_the_result_and_titles_the_model(tmp_path):
+    from benchmarks.accuracy import report
+
+    assert report.output_paths(Path("r/accuracy.json"), tmp_path) == (
+        tmp_path / "accuracy.md", tmp_path / "accuracy.png", tmp_path / "layer_budgets.png")
+    assert report.output_paths(Path("accuracy-qwen2.5-0.5b.json"), tmp_path) == (
+        tmp_path / "accuracy-qwen2.5-0.5b.md", tmp_path / "accuracy-qwen2.5-0.5b.png",
+        tmp_path / "layer_budgets-qwen2.5-0.5b.png")
+    doc = _doc() | {"model": {"name": "Qwen2.5-Coder-0.5B-Instruct"}}
+    assert report.write_markdown(doc, tmp_path / "q.md").startswith(
+        "# Accuracy sweep: Qwen2.5-Coder-0.5B-Instruct (real weights")
 
 
 def test_peers_report_tables_the_common_samples(tmp_path):
@@ -229,6 +249,7 @@ def test_peers_report_tables_the_common_samples(tmp_path):
                                   "| full cache (kvpress venv) | 1.000 |", "| kvpress SnapKVPress | 0.500 |"]
     assert "1 common samples" in md
     assert "Full cache: ours 1.000, the kvpress venv's 1.000." in md
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     peers["samples"][0]["answers"] = ["11111"]
     with pytest.raises(ValueError, match="expected answers differ"):
         peers_report.write(ours, peers, tmp_path / "q.md")
