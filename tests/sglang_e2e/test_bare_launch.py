@@ -59,7 +59,12 @@ def test_bare_depthkv_launch_serves_with_the_cached_profile(tmp_path):
     log = (tmp_path / "server.log").read_text()
     assert f"--kv-profile {cached} (the model's cached profile)" in log
     rows = [json.loads(line) for line in dump.read_text().splitlines()]
-    assert len(rows) == 4 and all(r["pruned"] and r["seq_len"] == len(ids) for r in rows)
+    # launch_server's own warm-up request (3 input ids under --skip-tokenizer-init, too short to prune) may
+    # reach the scheduler before or after ours on a loaded machine
+    warmup = [r for r in rows if r["seq_len"] != len(ids)]
+    assert all(r["seq_len"] == 3 and not r["pruned"] for r in warmup) and len(warmup) in (0, 4)
+    rows = [r for r in rows if r["seq_len"] == len(ids)]
+    assert len(rows) == 4 and all(r["pruned"] for r in rows)
     kept = sum(len(r["kept"]) for r in rows)
     assert abs(kept - 0.3 * len(ids) * 4) <= 4, kept  # the default budget over the four layers
 
