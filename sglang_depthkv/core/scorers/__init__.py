@@ -32,7 +32,7 @@ def profile_scorer(name: str, pool_kernel=None) -> Scorer:
 
 def scorer_record(scorer: Scorer) -> dict:
     """What a profile records about its scorer beyond the name: the pool kernel of a pooled scorer."""
-    return {"pool_kernel": scorer.pool_kernel} if hasattr(scorer, "pool_kernel") else {}
+    return {"pool_kernel": scorer.pool_kernel} if scorer.name in POOLED_SCORERS else {}
 
 
 __all__ = ["Scorer", "FullScorer", "StreamingLLMScorer", "SnapKVScorer", "LaProxScorer", "PROFILE_SCORERS",
