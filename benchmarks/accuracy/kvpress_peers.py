@@ -154,6 +154,9 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="sdpa").eval()
+    if getattr(model.config, "head_dim", None) is None:
+        # CriticalKV reads config.head_dim, which Qwen2's config leaves out (it is hidden / heads)
+        model.config.head_dim = model.config.hidden_size // model.config.num_attention_heads
     stop = stop_rule(tok)
     samples = make_samples(args.tasks, dict(zip(args.lengths, args.counts)), tokenizer=tok,
                            haystack=haystack_text(HAYSTACK_NOVELS), chat=lambda u: chat_prompt(tok, u), seed=args.seed)

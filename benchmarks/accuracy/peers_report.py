@@ -53,7 +53,7 @@ def write(ours: dict, peers: dict, out: Path) -> str:
     labels["full-kvpress-run"] = "full cache (kvpress venv)"
     table = aggregate(doc)[None]
     parts = [
-        "# Our policies and kvpress's presses on the same samples",
+        f"# Our policies and kvpress's presses on the same samples: {model_name(ours)}",
         "",
         f"Ours: `{ours['command']}`  ",
         f"kvpress: `{peers['command']}` (kvpress {peers['peers']['kvpress']}, transformers "

@@ -127,23 +127,39 @@ def _dump_keep(path: Path, index: int, sample, runs, keeps) -> None:
                                     "kept": [k.tolist() for k in keep]}) + "\n")
 
 
+def load_reference(model_name: str, seed: int):
+    """(model spec, tokenizer, ReferenceModel) of a packaged model, torch seeded with ``seed``."""
+    from sglang_depthkv.core.offline_models import offline_model
+    from sglang_depthkv.core.reference import ReferenceModel
+
+    torch.manual_seed(seed)
+    spec = offline_model(model_name)
+    model, tok = spec.load()
+    return spec, tok, ReferenceModel(model, name=spec.name)
+
+
+def task_samples(tok, tasks, lengths, counts, seed: int):
+    """The sweep's samples: ``core.tasks.make_samples`` over the Austen haystack, in the model's chat
+    template."""
+    from sglang_depthkv.core.gguf_model import chat_prompt
+    from sglang_depthkv.core.haystack import HAYSTACK_NOVELS, haystack_text
+    from sglang_depthkv.core.tasks import make_samples
+
+    return make_samples(tasks, dict(zip(lengths, counts)), tokenizer=tok, haystack=haystack_text(HAYSTACK_NOVELS),
+                        chat=lambda u: chat_prompt(tok, u), seed=seed)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.time()
-    from sglang_depthkv.core.haystack import HAYSTACK_NOVELS, haystack_text
+    from sglang_depthkv.core.haystack import HAYSTACK_NOVELS
     from sglang_depthkv.core.policy import make_policy
-    from sglang_depthkv.core.reference import ReferenceModel
     from sglang_depthkv.core.sdpa_prefill import sdpa_prefill
-    from sglang_depthkv.core.gguf_model import chat_prompt
-    from sglang_depthkv.core.offline_models import offline_model
+    from sglang_depthkv.core.tasks import score
 
     from .batched_decode import batched_greedy
-    from sglang_depthkv.core.tasks import make_samples, score
 
-    torch.manual_seed(args.seed)
-    spec = offline_model(args.model)
-    model, tok = spec.load()
-    ref = ReferenceModel(model, name=spec.name)
+    spec, tok, ref = load_reference(args.model, args.seed)
     profiles = {}
     from sglang_depthkv.core.profile import load_profile
 
@@ -163,8 +179,7 @@ def main(argv=None) -> int:
                                        gates=gates, sinks=args.sinks, window=args.window)
                 for name in args.policies for b in args.budgets}
     stop = stop_rule(tok)
-    samples = make_samples(args.tasks, dict(zip(args.lengths, args.counts)), tokenizer=tok,
-                           haystack=haystack_text(HAYSTACK_NOVELS), chat=lambda u: chat_prompt(tok, u), seed=args.seed)
+    samples = task_samples(tok, args.tasks, args.lengths, args.counts, args.seed)
     doc = {
         "format": "sglang-depthkv-accuracy", "version": 1,
         "command": "python -m benchmarks.accuracy.sweep " + " ".join(sys.argv[1:] if argv is None else argv),
