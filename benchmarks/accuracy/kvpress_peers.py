@@ -140,11 +140,9 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from benchmarks.accuracy.sweep import _write, stop_rule
-    from sglang_depthkv.core.haystack import HAYSTACK_NOVELS, haystack_text
-    from sglang_depthkv.core.gguf_model import chat_prompt
+    from benchmarks.accuracy.sweep import _write, stop_rule, task_samples
     from sglang_depthkv.core.offline_models import offline_model
-    from sglang_depthkv.core.tasks import make_samples, score
+    from sglang_depthkv.core.tasks import score
 
     spec = offline_model(args.model)
     path = spec.export_dir()
@@ -158,8 +156,7 @@ def main(argv=None) -> int:
         # CriticalKV reads config.head_dim, which Qwen2's config leaves out (it is hidden / heads)
         model.config.head_dim = model.config.hidden_size // model.config.num_attention_heads
     stop = stop_rule(tok)
-    samples = make_samples(args.tasks, dict(zip(args.lengths, args.counts)), tokenizer=tok,
-                           haystack=haystack_text(HAYSTACK_NOVELS), chat=lambda u: chat_prompt(tok, u), seed=args.seed)
+    samples = task_samples(tok, args.tasks, args.lengths, args.counts, args.seed)
     if args.limit is not None:
         samples = samples[: args.limit]
 

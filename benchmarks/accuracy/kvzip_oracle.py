@@ -20,13 +20,13 @@ Runs (``--budgets`` each, beside the full cache and uniform SnapKV):
         --gates benchmarks/results/qwen2.5-0.5b_gates.safetensors \\
         --out benchmarks/results/kvzip_oracle-qwen2.5-0.5b.json
 
-Writes ``--out`` (JSON, rewritten after every sample) and the markdown table beside it.
+Writes ``--out`` (JSON in the sweep's run format, rewritten after every sample) and the markdown
+table beside it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -102,31 +102,30 @@ def parse_args(argv=None):
 
 
 def markdown(doc: dict) -> str:
+    """Mean score per run and budget, then per run and task at the first budget (means from
+    ``report.aggregate``; a full-cache row spans every budget, a run without samples shows "–")."""
+    from .report import aggregate
+
     runs = ["full", "snapkv", *RUNS]
     budgets = doc["config"]["budgets"]
-    samples = doc["samples"]
+    tasks = doc["config"]["tasks"]
+
+    def cell(table: dict, r: str, b: float) -> str:
+        mean = table.get((r, 1.0) if r == "full" else (r, float(b)))
+        return f"{mean[0]:.3f}" if mean else "–"
+
+    overall, by_task = aggregate(doc).get(None, {}), aggregate(doc, "task")
     lines = [f"# KVzip with its exact scores: {doc['model']['name']}", "",
              f"Command: `{doc['command']}`  ",
-             f"{len(samples)} samples ({', '.join(doc['config']['tasks'])}; lengths {doc['config']['lengths']}, "
+             f"{len(doc['samples'])} samples ({', '.join(tasks)}; lengths {doc['config']['lengths']}, "
              f"{doc['config']['counts']} per task); wall time {doc['wall_s']} s. Mean score:", "",
              "| run | " + " | ".join(f"{b:.0%}" for b in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
-    for r in runs:
-        vals = []
-        for b in budgets:
-            xs = [x["score"] for s in samples for x in s["runs"] if x["run"] == r and (r == "full" or x["budget"] == b)]
-            vals.append(f"{sum(xs) / len(xs):.3f}" if xs else "–")
-        lines.append(f"| {LABELS[r]} | " + " | ".join(vals) + " |")
-    tasks = doc["config"]["tasks"]
+    lines += [f"| {LABELS[r]} | " + " | ".join(cell(overall, r, b) for b in budgets) + " |" for r in runs]
     lines += ["", f"By task, at {budgets[0]:.0%} kept:", "", "| run | " + " | ".join(tasks) + " |",
               "|---|" + "---:|" * len(tasks)]
-    for r in runs:
-        vals = []
-        for t in tasks:
-            xs = [x["score"] for s in samples if s["task"] == t for x in s["runs"]
-                  if x["run"] == r and (r == "full" or x["budget"] == budgets[0])]
-            vals.append(f"{sum(xs) / len(xs):.3f}" if xs else "–")
-        lines.append(f"| {LABELS[r]} | " + " | ".join(vals) + " |")
+    lines += [f"| {LABELS[r]} | " + " | ".join(cell(by_task.get(t, {}), r, budgets[0]) for t in tasks) + " |"
+              for r in runs]
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +140,7 @@ def main(argv=None) -> int:
     from sglang_depthkv.core.tasks import score
 
     from .batched_decode import batched_greedy
-    from .sweep import load_reference, stop_rule, task_samples
+    from .sweep import _write, load_reference, stop_rule, task_samples
 
     spec, tok, ref = load_reference(args.model, args.seed)
     gates = load_gates(args.gates, expected=ref.identity)
@@ -172,13 +171,12 @@ def main(argv=None) -> int:
         rec = s.to_dict() | {"n_tokens": int(ids.shape[0]), "runs": []}
         for (r, b, _), out, kp, keep in zip(runs, outs, kept, keeps):
             text = tok.decode(out, skip_special_tokens=True)
-            rec["runs"].append({"run": r, "budget": b, "output": text, "score": score(s, text), "kept": kp,
+            rec["runs"].append({"policy": r, "budget": b, "output": text, "score": score(s, text), "kept": kp,
                                 "layer_keep": None if keep is None else [int(k.numel()) for k in keep]})
         doc["samples"].append(rec)
         doc["wall_s"] = round(time.time() - t_start, 1)
         doc["complete"] = si == len(samples) - 1
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        _write(args.out, doc)
         md_path.write_text(markdown(doc))
         print(f"[kvzip-oracle] {si + 1}/{len(samples)} {s.task} {ids.shape[0]} tokens, {doc['wall_s']} s", flush=True)
     print(markdown(doc))

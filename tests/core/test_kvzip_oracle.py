@@ -33,8 +33,8 @@ def test_markdown_means_by_run_budget_and_task():
     from benchmarks.accuracy.kvzip_oracle import markdown
 
     def runs(full, pairs):
-        out = [{"run": "full", "budget": 1.0, "score": full}]
-        return out + [{"run": r, "budget": b, "score": v} for r, b, v in pairs]
+        out = [{"policy": "full", "budget": 1.0, "score": full}]
+        return out + [{"policy": r, "budget": b, "score": v} for r, b, v in pairs]
 
     doc = {"command": "python -m benchmarks.accuracy.kvzip_oracle X", "model": {"name": "M"}, "wall_s": 9.0,
            "config": {"tasks": ["passkey", "vartrack"], "lengths": [2048], "counts": [1], "budgets": [0.1, 0.2]},
@@ -68,7 +68,7 @@ def test_oracle_run_on_smollm2_keeps_the_budget_in_every_run(tmp_path):
     s = doc["samples"][0]
     n, L = s["n_tokens"], 30
     total = min(max(math.floor(0.2 * n * L + 0.5), L * min(n, 36)), L * n)  # docs/core-api.md's total_keep
-    runs = {r["run"]: r for r in s["runs"]}
+    runs = {r["policy"]: r for r in s["runs"]}
     assert set(runs) == {"full", "snapkv", *RUNS}
     assert runs["full"]["score"] == 1.0
     for name in ("snapkv", *RUNS):
