@@ -166,7 +166,7 @@ def run(args) -> int:
             del qf, kf, vf
             flops = 2 * 2 * W * QH * n * D
             for name, scorer, extra in (("snapkv_scores", SnapKVScorer(), 0),
-                                        ("laprox_scores", LaProxScorer(), 2 * n * QH * D * D)):
+                                        ("laprox_scores", LaProxScorer(), 2 * n * QH * (QH // H) * (D * D + W))):
                 if name in kernels:
                     ms = _bench(lambda scorer=scorer: scorer.score(obs))
                     rows.append(make_row(f"{name} (1 layer)", n, ms, (flops + extra) / (ms * 1e-3) / 1e12, "TFLOP/s",

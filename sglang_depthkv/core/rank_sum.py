@@ -12,13 +12,14 @@ the same decisions. So before selection:
   need not be the same on every rank). Equal totals and ``select_top``'s fixed tie rule (lower
   position first) give equal kept sets;
 - with replicated kv heads, a scorer whose kv-head score is a sum over its query heads
-  (``Scorer.sums_query_heads``: SnapKV, LaProx) counts on every rank, since the ranks sharing a kv
+  (``Scorer.sums_query_heads``: SnapKV) counts on every rank, since the ranks sharing a kv
   head hold distinct query heads of it; a scorer with one score per kv head (KVzip gates,
   StreamingLLM) counts only on the first rank of each replica group (the others send zeros). Either
   way the total is the single-rank sum over all heads, up to float rounding.
 
-The scores must be sums over heads for this to be exact: a scorer that mixes heads non-linearly
-inside a layer cannot be split over ranks this way.
+The scores must be sums over heads for this to be exact. A scorer that mixes the query heads of a
+kv head non-linearly (``Scorer.mixes_query_heads``: LaProx) is exact while every rank holds whole
+kv groups, and refused with replicated kv heads, where a group's query heads are split over ranks.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ class RankScoreSum:
     every rank must call with the same shape, in the same order."""
 
     def __init__(self, shard: HeadShard, scorer: Scorer, all_gather: AllGather):
+        if shard.replicas > 1 and scorer.mixes_query_heads:
+            raise ValueError(f"{type(scorer).__name__} mixes the query heads of a kv head, and {shard.size} "
+                             f"tensor-parallel ranks over {shard.total_kv_heads} kv heads split each kv head's "
+                             f"query heads over {shard.replicas} ranks; use a tensor-parallel size of at most "
+                             f"{shard.total_kv_heads} with this scorer")
         self.shard = shard
         self.counts = shard.counts(scorer)
         self.all_gather = all_gather

@@ -353,6 +353,28 @@ def check_files(settings: DepthKVSettings, hf_config) -> None:
             raise DepthKVConfigError("--kv-gates", str(e)) from e
 
 
+def check_head_split(settings: DepthKVSettings, hf_config, tp_size: int) -> None:
+    """LaProx mixes the query heads of a kv head (``Scorer.mixes_query_heads``); with more
+    tensor-parallel ranks than kv heads SGLang replicates each kv head and splits its query heads over
+    ranks, so no rank could score it. Refused for ``--kv-policy laprox`` and for a DepthKV profile
+    calibrated with LaProx."""
+    if tp_size <= 1:
+        return
+    scorer = settings.policy
+    if settings.policy == "depthkv" and settings.profile not in (None, NO_AUTO_PROFILE):
+        from sglang_depthkv.core.profile import load_profile
+
+        scorer = load_profile(settings.profile, model_identity(hf_config)).scorer
+    if scorer != "laprox":
+        return
+    kvh = model_identity(hf_config).num_key_value_heads
+    if tp_size > kvh:
+        what = "--kv-policy laprox" if settings.policy == "laprox" else "a --kv-profile calibrated with laprox"
+        raise DepthKVConfigError("--tp-size", f"{tp_size} exceeds the model's {kvh} kv heads: SGLang then splits "
+                                 f"each kv head's query heads over ranks, and {what} scores a token from all the "
+                                 f"query heads of its kv head together; use --tp-size <= {kvh}")
+
+
 def check_budget_fits(settings: DepthKVSettings, context_len: int) -> None:
     """A budget must leave room for the always-kept sinks + window of a full-length request."""
     protected = settings.sinks + settings.window
@@ -410,6 +432,7 @@ def validate_all(settings: DepthKVSettings, sa) -> None:
     hf = load_hf_config(sa)
     check_model(settings, hf, getattr(sa, "model_path", None))
     check_files(settings, hf)
+    check_head_split(settings, hf, int(getattr(sa, "tp_size", 1) or 1))
     ctx = getattr(sa, "context_length", None) or getattr(hf, "max_position_embeddings", None) or 0
     if ctx:
         check_budget_fits(settings, int(ctx))

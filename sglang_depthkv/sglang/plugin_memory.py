@@ -14,8 +14,11 @@ decode batch, ``T`` the context length, ``w`` the window, ``I`` the decode inter
   scorers working over chunks of ``c = min(CHUNK, n)`` keys (``core/scorers/window_attention.py``):
   the held positions and slots (``56 n``), keys and values gathered in the KV dtype
   (``2 * kvh * n * d * kv_bytes``), one chunk of window logits (``2 * qh * w * c * 4 +
-  kvh * c * d * 4``), per-head scores (``(4 qh + 2 kvh) * n * 4``), LaProx's per-group norms
-  (``group * c * d * 4 + hidden * group * d * 4``) or one chunk of gate features
+  kvh * c * d * 4``), per-head scores (``(4 qh + 2 kvh) * n * 4``), LaProx's output contributions
+  (one chunk of probabilities permuted ``qh * w * c * 4``, products of head pairs
+  ``qh * group * c * 4``, value cross terms ``min(c, CHUNK // group) * group² * d * 4``, Gram
+  blocks ``qh * group * d² * 4``, one group's ``o_proj`` columns ``hidden * group * d * 4``) or one
+  chunk of gate features
   (``c * hidden * 4``), the per-layer held-count read (``L * n * 5``) and the own-token scores of
   every layer kept until the last layer (``L * (T + P) * 4``, ``P`` the prefill chunk: one chunked
   request plus whole prompts inside one chunk);
@@ -85,7 +88,9 @@ def scoring_items(s: PluginShapes, capacities: Sequence[int] = ()) -> Items:
                  + 2 * s.kv_heads * n * s.head_dim * s.kv_bytes  # held K, V gathered
                  + 2 * s.q_heads * w * c * 4 + s.kv_heads * c * s.head_dim * 4  # one chunk of window logits
                  + 4 * s.q_heads * n * 4 + 2 * s.kv_heads * n * 4  # per-head / per-kv-head scores
-                 + group * c * s.head_dim * 4 + s.hidden_size * group * s.head_dim * 4  # LaProx norms
+                 + s.q_heads * w * c * 4 + s.q_heads * group * c * 4  # LaProx: permuted probabilities, head pairs
+                 + min(c, int(CHUNK) // group) * group * group * s.head_dim * 4  # LaProx: value cross terms
+                 + s.q_heads * group * s.head_dim ** 2 * 4 + s.hidden_size * group * s.head_dim * 4  # LaProx: Gram
                  + c * s.hidden_size * 4)  # gate features of one chunk
     items = [("prefill scoring", one_layer + L * n * 5 + L * (n + s.prefill_chunk) * 4)]
     if s.gate_hidden:

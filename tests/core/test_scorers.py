@@ -59,17 +59,23 @@ def brute_snapkv(obs, kernel=7):
 
 
 def brute_laprox(obs, kernel=7):
+    """Per kv group g and token t: the [w, hidden] matrix of token t's part of the window queries'
+    attention output, M[i] = sum over the group's heads h of p[h][i][t] * (v[g, t] W_h^T), by explicit
+    loops; its Frobenius norm / sqrt(w), pooled."""
     p = brute_window_probs(obs)
     v, wo = obs.values.double(), obs.o_proj_weight.double()
     qh, w, n, kvh = len(p), len(p[0]), len(p[0][0]), obs.num_kv_heads
-    d, hid = v.shape[2], wo.shape[0]
+    d, hid, grp = v.shape[2], wo.shape[0], qh // kvh
     out = torch.zeros(kvh, n, dtype=torch.float64)
-    for h in range(qh):
-        g = h // (qh // kvh)
+    for g in range(kvh):
         for t in range(n):
-            a = sum(p[h][i][t] for i in range(w)) / w
-            contrib = [sum(v[g, t, j].item() * wo[o, h * d + j].item() for j in range(d)) for o in range(hid)]
-            out[g, t] += a * math.sqrt(sum(c * c for c in contrib))
+            m = [[0.0] * hid for _ in range(w)]
+            for h in range(g * grp, (g + 1) * grp):
+                u = [sum(v[g, t, j].item() * wo[o, h * d + j].item() for j in range(d)) for o in range(hid)]
+                for i in range(w):
+                    for o in range(hid):
+                        m[i][o] += p[h][i][t] * u[o]
+            out[g, t] = math.sqrt(sum(x * x for row in m for x in row) / w)
     half = kernel // 2
     pooled = torch.zeros(kvh, n, dtype=torch.float64)
     for g in range(kvh):
@@ -77,6 +83,21 @@ def brute_laprox(obs, kernel=7):
             vals = [out[g, s].item() for s in range(t - half, t + half + 1) if 0 <= s < n]
             pooled[g, t] = sum(vals) / len(vals)
     return pooled
+
+
+def test_laprox_mixes_the_heads_of_a_group_before_the_norm():
+    """Two heads of one group writing opposite outputs cancel (a per-head norm would add them)."""
+    d, n, w = 2, 5, 2
+    keys = torch.zeros(1, n, d)
+    values = torch.ones(1, n, d)
+    wo = torch.cat([torch.eye(d), -torch.eye(d)], dim=1)  # head 1's output = -head 0's
+    obs = LayerObservation(layer=0, keys=keys, values=values, window_queries=torch.zeros(2, w, d), scaling=1.0,
+                           o_proj_weight=wo)
+    assert LaProxScorer(pool_kernel=1).score(obs).abs().max().item() < 1e-6
+    obs.o_proj_weight = torch.cat([torch.eye(d), torch.eye(d)], dim=1)  # same direction: they add
+    got = LaProxScorer(pool_kernel=1).score(obs)
+    torch.testing.assert_close(got.double(), brute_laprox(obs, 1), rtol=1e-5, atol=1e-7)
+    assert got.min().item() > 0
 
 
 @pytest.mark.parametrize("seed", [0, 1])

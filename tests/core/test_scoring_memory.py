@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sglang_depthkv.core.scorers.laprox import LaProxScorer, output_norms
+from sglang_depthkv.core.scorers.laprox import LaProxScorer, output_contribution
 from sglang_depthkv.core.scorers.snapkv import SnapKVScorer
 from sglang_depthkv.core.scorers.window_attention import window_attention
 from sglang_depthkv.core.types import LayerObservation
@@ -95,10 +95,17 @@ def attention_bound(w, chunk):
 
 
 def scorer_bound(w, chunk, n):
-    """SnapKV's and LaProx's bound: the attention's, one kv group's values times its heads' Gram
-    matrices (group·CHUNK·d), one kv group's o_proj columns in float32 (hidden·group·d) and the
-    [qh, n] per-head results."""
-    return max(attention_bound(w, chunk), F32 * max(GROUP * chunk * D, HID * GROUP * D, QH * n))
+    """SnapKV's bound: the attention's and the [qh, n] per-head results."""
+    return max(attention_bound(w, chunk), F32 * QH * n)
+
+
+def laprox_bound(w, chunk, n):
+    """LaProx's bound: the attention's; per chunk the probabilities permuted (qh·w·CHUNK), the
+    products of head pairs (qh·group·CHUNK) and the value cross terms of a sub-chunk of CHUNK // group
+    tokens (group·CHUNK·d); one kv group's o_proj columns in float32 (hidden·group·d) and the Gram
+    blocks of all groups (qh·group·d²); the [kvh, n] results."""
+    return max(attention_bound(w, chunk), F32 * max(QH * w * chunk, QH * GROUP * chunk, GROUP * chunk * D,
+                                                    HID * GROUP * D, QH * GROUP * D * D, KVH * n))
 
 
 # ---------------------------------------------------------------------- float64 references
@@ -114,11 +121,15 @@ def ref_probs(obs):
     return torch.softmax(logits.masked_fill(future, -math.inf), dim=-1)
 
 
-def ref_norms(obs):
-    """``[qh, n]`` float64: ||v[g(h), t] · W_o[:, h·d:(h+1)·d]ᵀ||₂ by the full product."""
-    v, wo = obs.values.double(), obs.o_proj_weight.double()
-    qh, kvh, d = obs.num_q_heads, obs.num_kv_heads, v.shape[2]
-    return torch.stack([(v[h // (qh // kvh)] @ wo[:, h * d:(h + 1) * d].T).norm(dim=-1) for h in range(qh)])
+def ref_contribution(obs):
+    """``[kvh, n]`` float64: ||M[g, t]||_F / sqrt(w) with M[g, t] = sum over the group's heads of
+    p[h, :, t] ⊗ (v[g, t] W_hᵀ), by the full [w, hidden] products."""
+    p, v, wo = ref_probs(obs), obs.values.double(), obs.o_proj_weight.double()
+    qh, kvh, d, w = obs.num_q_heads, obs.num_kv_heads, v.shape[2], obs.window
+    grp = qh // kvh
+    u = torch.stack([v[h // grp] @ wo[:, h * d:(h + 1) * d].T for h in range(qh)])  # [qh, n, hidden]
+    m = torch.einsum("hit,hto->htio", p, u).reshape(kvh, grp, obs.num_tokens, w, -1).sum(dim=1)
+    return m.flatten(2).norm(dim=-1) / math.sqrt(w)
 
 
 def ref_pool(s, kernel):
@@ -133,8 +144,7 @@ def ref_snapkv(obs, kernel=7):
 
 
 def ref_laprox(obs, kernel=7):
-    c = ref_probs(obs).mean(dim=1) * ref_norms(obs)
-    return ref_pool(c.reshape(obs.num_kv_heads, -1, obs.num_tokens).sum(dim=1), kernel)
+    return ref_pool(ref_contribution(obs), kernel)
 
 
 def small_obs(n, w, kvh=2, qh=6, d=5, hid=11, dtype=torch.float32, seed=0):
@@ -170,13 +180,15 @@ def test_window_attention_mean_chunked_matches_float64(chunk7, n, w):
     torch.testing.assert_close(a.double(), ref_probs(obs).mean(dim=1), rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("n", [30, 28, 7, 3])
+@pytest.mark.parametrize("n,w", SIZES)
+@pytest.mark.parametrize("kvh,qh", [(2, 6), (3, 3), (1, 4)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_output_norms_chunked_matches_float64(chunk7, n, dtype):
-    obs = small_obs(n, 2, dtype=dtype)
-    got = output_norms(obs.values, obs.o_proj_weight, obs.num_q_heads)
-    assert got.dtype == torch.float32 and got.shape == (obs.num_q_heads, n)
-    torch.testing.assert_close(got.double(), ref_norms(obs), rtol=1e-5, atol=1e-6)
+def test_output_contribution_chunked_matches_float64(chunk7, n, w, kvh, qh, dtype):
+    """CHUNK 7: several key chunks, and value sub-chunks of 7 // group tokens (1 with 6 heads a group)."""
+    obs = small_obs(n, w, kvh=kvh, qh=qh, dtype=dtype)
+    got = output_contribution(obs)
+    assert got.dtype == torch.float32 and got.shape == (kvh, n)
+    torch.testing.assert_close(got.double(), ref_contribution(obs), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("n,w", SIZES)
@@ -228,24 +240,16 @@ def test_window_attention_transients_bounded(monkeypatch, device, chunk):
 
 
 @pytest.mark.parametrize("device,chunk", MEMORY_CASES)
-@pytest.mark.parametrize("scorer", [SnapKVScorer(), LaProxScorer()], ids=["snapkv", "laprox"])
-def test_scorer_transients_bounded(monkeypatch, device, chunk, scorer):
-    """No [qh, w, n] tensor either: the scorers need only the window mean of the probabilities."""
+@pytest.mark.parametrize("scorer,bound", [(SnapKVScorer(), scorer_bound), (LaProxScorer(), laprox_bound)],
+                         ids=["snapkv", "laprox"])
+def test_scorer_transients_bounded(monkeypatch, device, chunk, scorer, bound):
+    """No [qh, w, n] tensor either: the scorers need only one chunk of the probabilities."""
     c = chunk_for(monkeypatch, chunk)
     n = 4 * c
-    limit = scorer_bound(W, c, n)
+    limit = bound(W, c, n)
     rec = recorded(scorer.score, llama_obs(n, W, device))
     bad = rec.over(limit)
     assert not bad, f"{scorer!r}: ops over {limit} bytes at n={n} (peak {rec.peak()}): {bad[:4]}"
-
-
-def test_output_norms_transients_bounded(monkeypatch):
-    c = chunk_for(monkeypatch, 256)
-    n = 4 * c
-    obs = llama_obs(n, W, "cpu")
-    rec = recorded(output_norms, obs.values, obs.o_proj_weight, QH)
-    limit = F32 * max(GROUP * c * D, HID * GROUP * D, QH * n)
-    assert not rec.over(limit), f"ops over {limit} bytes at n={n}: {rec.over(limit)[:4]}"
 
 
 # ---------------------------------------------------------------------- chunked-prefill stash

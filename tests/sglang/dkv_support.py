@@ -34,7 +34,7 @@ def write_kv(pool, ids, seed):
     return ref
 
 
-def make_profile(path, num_layers=4, **identity_overrides):
+def make_profile(path, num_layers=4, scorer="snapkv", **identity_overrides):
     from sglang_depthkv.core.profile import SensitivityProfile, save_profile
     from sglang_depthkv.core.types import ModelIdentity
 
@@ -42,4 +42,4 @@ def make_profile(path, num_layers=4, **identity_overrides):
                  architecture="LlamaForCausalLM")
     ident.update(identity_overrides)
     sens = [[0.5 + l, 0.1 * (l + 1), 0.0] for l in range(ident["num_layers"])]
-    return save_profile(SensitivityProfile(ModelIdentity(**ident), "snapkv", [0.25, 0.5, 1.0], sens), path)
+    return save_profile(SensitivityProfile(ModelIdentity(**ident), scorer, [0.25, 0.5, 1.0], sens), path)

@@ -198,6 +198,22 @@ def test_cli_accepts_tensor_and_data_parallel(plugins, llama):
     assert (sa.tp_size, sa.dp_size, sa._depthkv_settings.policy) == (2, 2, "snapkv")
 
 
+def test_cli_refuses_laprox_over_replicated_kv_heads(plugins, llama, tmp_path):
+    """LaProx scores a token from all query heads of its kv head together: more tensor-parallel ranks
+    than kv heads (the tiny Llama has 2) split them over ranks, refused for --kv-policy laprox and for
+    a DepthKV profile calibrated with LaProx, and only then."""
+    e = refused(cli, llama, "--kv-policy", "laprox", "--kv-budget", "0.3", "--tp-size", "4")
+    assert str(e).startswith("--tp-size: 4 exceeds the model's 2 kv heads"), str(e)
+    assert "--kv-policy laprox" in str(e) and str(e).endswith("use --tp-size <= 2"), str(e)
+    prof = str(make_profile(tmp_path / "laprox.json", scorer="laprox"))
+    e = refused(cli, llama, "--kv-policy", "depthkv", "--kv-budget", "0.3", "--kv-profile", prof, "--tp-size", "4")
+    assert "a --kv-profile calibrated with laprox" in str(e), str(e)
+    assert cli(llama, "--kv-policy", "laprox", "--kv-budget", "0.3", "--tp-size", "2")._depthkv_settings
+    assert cli(llama, "--kv-policy", "snapkv", "--kv-budget", "0.3", "--tp-size", "4")._depthkv_settings
+    snap = str(make_profile(tmp_path / "snapkv.json"))
+    assert cli(llama, "--kv-policy", "depthkv", "--kv-budget", "0.3", "--kv-profile", snap, "--tp-size", "4")._depthkv_settings
+
+
 def test_cli_refuses_torch_compile(plugins, llama):
     """The per-layer pool swap and the scoring hooks are Python per layer: not compile-safe."""
     assert str(refused(cli, llama, "--kv-policy", "full", "--enable-torch-compile")).startswith("--enable-torch-compile:")

@@ -49,14 +49,15 @@ def test_graph_items_equal_the_real_graph_buffers_and_ring():
     assert M.graph_items(shapes(graph_max_bs=0), max(caps)) == ()  # no decode graphs: nothing
 
 
-def test_prefill_scoring_peak_is_within_the_counted_bytes():
-    """One end-of-prefill batch (one request, SnapKV, every layer) at Llama-8B head shapes: the peak
-    of tensor storage alive during it stays under ``scoring_items`` at that length."""
+@pytest.mark.parametrize("policy", ["snapkv", "laprox"])
+def test_prefill_scoring_peak_is_within_the_counted_bytes(policy):
+    """One end-of-prefill batch (one request, every layer) at Llama-8B head shapes: the peak of
+    tensor storage alive during it stays under ``scoring_items`` at that length."""
     n = 384
     st = S.build_state(1, n)
     reqs = S.add_requests(st, 1, n)
     live = LiveBytes()
-    P.prefill_end(SyncCounter(), st, reqs, n, measure=live)
+    P.prefill_end(SyncCounter(), st, reqs, n, measure=live, policy=policy)
     s = M.PluginShapes(num_layers=S.LAYERS, q_heads=S.Q_HEADS, kv_heads=S.KV_HEADS, head_dim=S.HEAD_DIM,
                        hidden_size=4096, context_len=n, kv_bytes=2, act_bytes=2, graph_max_bs=0, prefill_chunk=n,
                        window=8, decode_interval=0, scores=True, gate_hidden=False)

@@ -17,11 +17,14 @@ from ..types import LayerObservation
 class Scorer(ABC):
     name: str = ""
     query_agnostic: bool = False  # True: scores do not depend on the window queries
-    # True: a kv head's score is a sum over its query heads (SnapKV, LaProx). Under tensor
-    # parallelism with replicated kv heads each rank holds distinct query heads of a shared kv head,
-    # so every rank's partial sum counts; otherwise (one score per kv head) only the first rank of
-    # each replica group contributes (``core/rank_sum.py``).
+    # True: a kv head's score is a sum over its query heads (SnapKV). Under tensor parallelism with
+    # replicated kv heads each rank holds distinct query heads of a shared kv head, so every rank's
+    # partial sum counts; otherwise (one score per kv head) only the first rank of each replica group
+    # contributes (``core/rank_sum.py``).
     sums_query_heads: bool = False
+    # True: a kv head's score mixes its query heads non-linearly (LaProx's inter-head terms), so it
+    # cannot be split over ranks that each hold part of them: replicated kv heads are refused.
+    mixes_query_heads: bool = False
 
     @abstractmethod
     def score(self, obs: LayerObservation) -> torch.Tensor:

@@ -1,29 +1,40 @@
-"""LaProx scores: window attention times the norm of each token's output contribution.
+"""LaProx scores: each token's contribution to the layer's attention output over the window queries.
 
-Per query head h (kv group g = h // (q_heads // kv_heads)), head_dim d, ``W_o = obs.o_proj_weight``
-``[hidden, q_heads·d]``:
+Per kv group g (query heads ``H_g``: h // (q_heads // kv_heads) = g), head_dim d, ``W_h =
+obs.o_proj_weight[:, h·d:(h+1)·d]`` ([hidden, d]), window attention ``p[h, i, t]``
+(``window_attention``) and ``u[h, t] = v[g, t] · W_hᵀ`` (what token t's value adds to the layer
+output through head h, per unit of attention):
 
-    a[h, t]     = mean over the w window queries of p[h, i, t]     (``window_attention``)
-    c[h, t]     = a[h, t] · || v[g, t, :] · W_o[:, h·d:(h+1)·d]ᵀ ||₂
-    s[g, t]     = sum over h in group g of c[h, t]
+    M[g, t]     = [ Σ_{h ∈ H_g} p[h, i, t] · u[h, t] ]_{i = 1..w}        ([w, hidden])
+    s[g, t]     = ||M[g, t]||_F / √w
+                = sqrt( (1/w) Σ_{a, b ∈ H_g} A[a, b, t] · v[g, t] W_aᵀ W_b v[g, t]ᵀ ),
+                  A[a, b, t] = Σ_i p[a, i, t] · p[b, i, t]
     score[g, :] = avg_pool1d(s[g, :], kernel=pool_kernel, stride=1, padding=pool_kernel//2,
                              count_include_pad=False)                (``pooling.pool_positions``)
 
-``c`` estimates how much token t moves the layer's output, so scores are comparable across heads
-and layers (the global top-k allocator relies on that). Pooling (default kernel 7) keeps the
-neighbours of an attended token: unpooled, a multi-token answer loses all but its attended token
-(measured on the accuracy tasks: LaProx under the global top-k at 10 / 20 / 30% kept, 12 samples,
-0.000 / 0.167 / 0.267 unpooled, 0.104 / 0.312 / 0.413 with kernel 5, 0.146 / 0.333 / 0.513 with
-kernel 7). Pooling is linear, so tensor-parallel ranks may pool their partial scores before the
-rank sum. float32 throughout; the norm
-is computed through the per-head Gram matrix ``W_hᵀ W_h`` ([d, d]) so the cost does not grow
-with n · hidden.
+``M[g, t]`` is token t's part of the attention output of the ``w`` window queries after ``o_proj``:
+dropping the token removes it (before renormalisation), so ``s`` is the size of the error its
+eviction makes in the layer output, in the output's own units. That makes scores comparable
+across heads and layers (the global top-k allocator relies on it), and the heads of a group are
+summed *before* the norm, so heads that write the same direction add up and heads that cancel do
+not (the inter-head terms ``a ≠ b``); a per-head norm summed over heads misses both. Measured on
+SmolLM2 with the accuracy tasks (16 samples, 2k and 4k tokens, global top-k, 10 / 20% kept): 0.172 /
+0.312 with the per-head norms ``Σ_h mean_i p[h, i, t] · ||u[h, t]||``, 0.266 / 0.416 with ``s``.
 
-Memory: ``a`` comes from ``window_attention_mean`` (no ``[q_heads, w, n]`` probabilities); the
-norms are computed per kv group and per chunk of ``CHUNK`` tokens (``window_attention.CHUNK``),
-from ``W_o`` as given (bf16 in serving), upcast one group's columns at a time. Apart from the
-``[q_heads, n]`` results, no tensor exceeds ``max(group·CHUNK·d, hidden·group·d)`` floats besides
-the window attention's own bound.
+Heads are mixed inside a kv group only: a tensor-parallel rank that holds whole kv groups computes
+exact partial scores, summed over the ranks (``core/rank_sum.py``); replicated kv heads (more ranks
+than kv heads) split a group's query heads over ranks and are refused (``mixes_query_heads``).
+
+Pooling (default kernel 7) keeps the neighbours of an attended token: unpooled, a multi-token
+answer loses all but its attended token. float32 throughout.
+
+Memory: the probabilities come chunk by chunk (``window_attention._chunk_probs``, the window
+attention's own bound); per chunk of ``c`` keys, ``A`` is ``q_heads·group·c`` floats, and the value
+cross terms are computed per kv group in sub-chunks of ``CHUNK // group`` tokens from the group's
+Gram blocks ``W_aᵀ W_b`` (``[d, group²·d]``, from ``W_o`` as given, bf16 in serving, upcast one
+group's columns at a time), so apart from the ``[kv_heads, n]`` result no tensor exceeds
+``max(q_heads·group·CHUNK, group·CHUNK·d, hidden·group·d, group²·d²)`` floats besides the window
+attention's own bound.
 """
 
 from __future__ import annotations
@@ -33,39 +44,52 @@ import torch
 from ..types import LayerObservation
 from .base import Scorer
 from .pooling import DEFAULT_POOL_KERNEL, check_pool_kernel, pool_positions
-from .window_attention import check_query_observation, token_chunks, window_attention_mean
+from .window_attention import (CHUNK, _chunk_probs, _grouped_queries, _softmax_stats, check_query_observation,
+                               token_chunks)
 
 
-def _group_grams(o_proj_weight: torch.Tensor, g: int, group: int, d: int) -> torch.Tensor:
-    """``[d, group·d]`` float32: the Gram matrices ``W_hᵀ W_h`` of kv group ``g``'s query heads side by
-    side (column block ``r`` is head ``g·group + r``). Upcasts only the group's ``[hidden, group·d]``
-    columns of ``W_o``: at most hidden·group·d floats."""
+def group_gram_blocks(o_proj_weight: torch.Tensor, g: int, group: int, d: int) -> torch.Tensor:
+    """``[d, group·group·d]`` float32: column block ``(a, b)`` (at ``(a·group + b)·d``) is ``W_aᵀ W_b`` for
+    query heads ``g·group + a`` and ``g·group + b``. Upcasts only the group's ``[hidden, group·d]``
+    columns of ``W_o``."""
     cols = o_proj_weight[:, g * group * d:(g + 1) * group * d].to(torch.float32)
-    w = cols.reshape(cols.shape[0], group, d).transpose(0, 1)  # [group, hidden, d]
-    gram = torch.matmul(w.transpose(1, 2), w)  # [group, d, d]
-    return gram.transpose(0, 1).reshape(d, group * d)
+    gram = torch.matmul(cols.T, cols)  # [group·d, group·d], block (a, b) = W_aᵀ W_b
+    return gram.view(group, d, group, d).permute(1, 0, 2, 3).reshape(d, group * group * d)
 
 
-def output_norms(values: torch.Tensor, o_proj_weight: torch.Tensor, num_q_heads: int) -> torch.Tensor:
-    """``[q_heads, n]``: ||v[g(h), t] · W_o[:, h·d:(h+1)·d]ᵀ||₂ in float32, as
-    ``sqrt(v Gram_h vᵀ)``, per kv group and chunk of ``CHUNK`` tokens (no repeated values): apart
-    from the result, at most ``max(group·CHUNK·d, hidden·group·d)`` floats."""
-    kvh, n, d = values.shape
-    group = num_q_heads // kvh
-    out = torch.empty(kvh, group, n, dtype=torch.float32, device=values.device)
-    for g in range(kvh):
-        gram = _group_grams(o_proj_weight, g, group, d)
-        for lo, hi in token_chunks(n):
-            v = values[g, lo:hi].to(torch.float32)  # [c, d]
-            proj = torch.matmul(v, gram).view(hi - lo, group, d)  # row t, block r: v[t] Gram_r
-            out[g, :, lo:hi] = (proj * v.unsqueeze(1)).sum(dim=-1).T
-    return out.view(num_q_heads, n).clamp_min(0.0).sqrt()
+def value_cross_terms(values: torch.Tensor, gram_blocks: torch.Tensor, group: int) -> torch.Tensor:
+    """``[c, group, group]`` float32: ``v_t W_aᵀ W_b v_tᵀ = u[a, t] · u[b, t]`` for the rows of
+    ``values [c, d]`` (float32), from ``group_gram_blocks``. Transient: ``c·group²·d`` floats."""
+    c, d = values.shape
+    y = torch.matmul(values, gram_blocks).view(c, group * group, d)
+    return torch.matmul(y, values.unsqueeze(-1)).view(c, group, group)
+
+
+def output_contribution(obs: LayerObservation) -> torch.Tensor:
+    """``[kv_heads, n]`` float32: ``s[g, t]`` of the module docstring (unpooled)."""
+    kvh, n, d = obs.values.shape
+    w = obs.window
+    group = obs.num_q_heads // kvh
+    qg = _grouped_queries(obs)
+    stats = _softmax_stats(obs, qg)
+    grams = [group_gram_blocks(obs.o_proj_weight, g, group, d) for g in range(kvh)]
+    out = torch.empty(kvh, n, dtype=torch.float32, device=qg.device)
+    sub = max(1, int(CHUNK) // group)
+    for lo, hi in token_chunks(n):
+        pt = _chunk_probs(obs, qg, stats, lo, hi).view(kvh, group, w, hi - lo).permute(0, 3, 1, 2)  # [kvh, c, group, w]
+        a = torch.matmul(pt, pt.transpose(2, 3))  # [kvh, c, group, group]: Σ_i p[a, i, t] p[b, i, t]
+        for g in range(kvh):
+            for s_lo in range(lo, hi, sub):
+                s_hi = min(s_lo + sub, hi)
+                cross = value_cross_terms(obs.values[g, s_lo:s_hi].to(torch.float32), grams[g], group)
+                out[g, s_lo:s_hi] = (a[g, s_lo - lo:s_hi - lo] * cross).sum(dim=(1, 2))
+    return out.clamp_min_(0.0).div_(w).sqrt_()
 
 
 class LaProxScorer(Scorer):
     name = "laprox"
     query_agnostic = False
-    sums_query_heads = True
+    mixes_query_heads = True
 
     def __init__(self, pool_kernel: int = DEFAULT_POOL_KERNEL):
         self.pool_kernel = check_pool_kernel("LaProxScorer", pool_kernel)
@@ -78,10 +102,7 @@ class LaProxScorer(Scorer):
         if obs.o_proj_weight.dim() != 2 or not obs.o_proj_weight.is_floating_point():
             raise ValueError(f"LaProxScorer: layer {obs.layer}: o_proj_weight must be a 2-D float tensor, got "
                              f"{tuple(obs.o_proj_weight.shape)} {obs.o_proj_weight.dtype}")
-        attn = window_attention_mean(obs)  # [qh, n]
-        contrib = attn * output_norms(obs.values, obs.o_proj_weight, obs.num_q_heads)  # [qh, n]
-        kvh, n = obs.num_kv_heads, obs.num_tokens
-        return pool_positions(contrib.reshape(kvh, obs.num_q_heads // kvh, n).sum(dim=1), self.pool_kernel)
+        return pool_positions(output_contribution(obs), self.pool_kernel)
 
     def __repr__(self) -> str:
         return f"LaProxScorer(pool_kernel={self.pool_kernel})"
