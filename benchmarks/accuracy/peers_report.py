@@ -56,6 +56,7 @@ def write(ours: dict, peers: dict, out: Path) -> str:
         f"# Our policies and kvpress's presses on the same samples: {model_name(ours)}",
         "",
         f"Ours: `{ours['command']}`  ",
+        *[f"Ours, re-run of {', '.join(m['policies'])}: `{m['command']}`  " for m in ours.get("merged", [])],
         f"kvpress: `{peers['command']}` (kvpress {peers['peers']['kvpress']}, transformers "
         f"{peers['peers']['transformers']})  ",
         f"{len(doc['samples'])} common samples; budget = fraction of the KV kept (kvpress "

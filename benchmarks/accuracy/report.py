@@ -104,6 +104,8 @@ def write_markdown(doc: dict, path: Path) -> str:
         f"Command: `{doc['command']}`  ",
         f"Wall time: {doc['wall_s']:.0f} s ({doc['wall_s'] / 60:.1f} min) for {n} samples"
         + ("" if doc.get("complete") else " (INCOMPLETE run: the sweep was cut off)") + ".  ",
+        *[f"Re-run of {', '.join(m['policies'])}: `{m['command']}` ({m['wall_s'] / 60:.1f} min), merged in by "
+          "`python -m benchmarks.accuracy.merge`.  " for m in doc.get("merged", [])],
         f"Tasks: {', '.join(doc['config']['tasks'])}; target lengths {doc['config']['lengths']} tokens, "
         f"{doc['config']['counts']} samples per task per length; seed {doc['config']['seed']}; "
         f"sinks {doc['config']['sinks']}, window {doc['config']['window']}. Haystack: Austen "

@@ -76,3 +76,14 @@ def test_command_line_writes_the_merge_and_refuses_without_writing(tmp_path):
     u.write_text(json.dumps(update()))
     assert main([str(b), str(u)]) == 0
     assert json.loads(b.read_text())["merged"][0]["policies"] == ["laprox", "kvzip"]
+
+
+def test_report_names_the_rerun_and_scores_it(tmp_path):
+    from benchmarks.accuracy import report
+
+    d = merge(BASE, update())
+    d["config"]["haystack"] = ["emma"]
+    md = report.write_markdown(d, tmp_path / "merged.md")
+    assert ("Re-run of laprox, kvzip: `python -m benchmarks.accuracy.sweep --policies laprox,kvzip` (0.1 min), "
+            "merged in by `python -m benchmarks.accuracy.merge`.") in md
+    assert report.aggregate(d)[None][("laprox", 0.1)] == (1.0, 2)  # the update's runs, both samples
