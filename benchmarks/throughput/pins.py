@@ -54,7 +54,8 @@ def plugin_shapes(cfg: dict, context_len: int, chunked_prefill_size: Optional[in
         head_dim=head_dim(cfg), hidden_size=int(cfg["hidden_size"]), context_len=ctx, kv_bytes=b, act_bytes=b,
         graph_max_bs=int(graph_max_bs), prefill_chunk=int(chunked_prefill_size) if chunked_prefill_size else ctx,
         window=DEFAULT_WINDOW, decode_interval=int(decode_interval),
-        scores=policy != "full" and float(budget) < 1.0, gate_hidden=False)
+        scores=policy != "full" and float(budget) < 1.0, gate_hidden=False,
+        laprox=policy == "laprox" and float(budget) < 1.0)
 
 
 def equal_bytes_plan(vanilla_tokens: int, policy: str, budget: float, profile: Optional[str], cfg: dict,

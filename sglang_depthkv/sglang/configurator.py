@@ -43,7 +43,8 @@ class DepthKVPoolConfigurator(MemoryPoolConfigurator):
         self.headroom = default_headroom(
             getattr(sa, "chunked_prefill_size", None), int(kvc.model_config.context_len), settings.window, settings.sinks
         )
-        self.shapes = plugin_memory.shapes_of(kvc, settings, gate_hidden=_gates_read_hidden(settings, kvc))
+        self.shapes = plugin_memory.shapes_of(kvc, settings, gate_hidden=_gates_read_hidden(settings, kvc),
+                                              laprox=_scores_with_laprox(settings, kvc))
         self.plugin = plugin_memory.items_function(self.shapes)
 
     def plan_for_tokens(self, n: int) -> CapacityPlan:
@@ -64,6 +65,18 @@ class DepthKVPoolConfigurator(MemoryPoolConfigurator):
         if page_size != 1:
             raise ValueError(f"--page-size: {page_size} not supported with --kv-policy")
         return self._config(self.plan_for_tokens(max_total_num_tokens))
+
+
+def _scores_with_laprox(settings, kvc) -> bool:
+    """Whether the policy scores with LaProx (its scoring transients are counted then)."""
+    if settings.policy == "laprox":
+        return True
+    if settings.policy != "depthkv" or settings.profile is None:
+        return False
+    from sglang_depthkv.core.profile import load_profile
+    from sglang_depthkv.core.types import ModelIdentity
+
+    return load_profile(settings.profile, ModelIdentity.from_hf_config(kvc.model_config.hf_config)).scorer == "laprox"
 
 
 def _gates_read_hidden(settings, kvc) -> bool:

@@ -14,8 +14,8 @@ decode batch, ``T`` the context length, ``w`` the window, ``I`` the decode inter
   scorers working over chunks of ``c = min(CHUNK, n)`` keys (``core/scorers/window_attention.py``):
   the held positions and slots (``56 n``), keys and values gathered in the KV dtype
   (``2 * kvh * n * d * kv_bytes``), one chunk of window logits (``2 * qh * w * c * 4 +
-  kvh * c * d * 4``), per-head scores (``(4 qh + 2 kvh) * n * 4``), LaProx's output contributions
-  (one chunk of probabilities permuted ``qh * w * c * 4``, products of head pairs
+  kvh * c * d * 4``), per-head scores (``(4 qh + 2 kvh) * n * 4``), when the policy scores with
+  LaProx its output contributions (one chunk of probabilities permuted ``qh * w * c * 4``, products of head pairs
   ``qh * group * c * 4``, value cross terms ``min(c, CHUNK // group) * group² * d * 4``, Gram
   blocks ``qh * group * d² * 4``, one group's ``o_proj`` columns ``hidden * group * d * 4``) or one
   chunk of gate features
@@ -54,6 +54,7 @@ class PluginShapes:
     decode_interval: int
     scores: bool  # the policy scores tokens (anything but full / budget 1)
     gate_hidden: bool  # KVzip gates that read hidden states
+    laprox: bool = False  # scores with LaProx (--kv-policy laprox, or a DepthKV profile calibrated with it)
 
 
 def graph_items(s: PluginShapes, max_capacity: int) -> Items:
@@ -88,10 +89,11 @@ def scoring_items(s: PluginShapes, capacities: Sequence[int] = ()) -> Items:
                  + 2 * s.kv_heads * n * s.head_dim * s.kv_bytes  # held K, V gathered
                  + 2 * s.q_heads * w * c * 4 + s.kv_heads * c * s.head_dim * 4  # one chunk of window logits
                  + 4 * s.q_heads * n * 4 + 2 * s.kv_heads * n * 4  # per-head / per-kv-head scores
-                 + s.q_heads * w * c * 4 + s.q_heads * group * c * 4  # LaProx: permuted probabilities, head pairs
-                 + min(c, int(CHUNK) // group) * group * group * s.head_dim * 4  # LaProx: value cross terms
-                 + s.q_heads * group * s.head_dim ** 2 * 4 + s.hidden_size * group * s.head_dim * 4  # LaProx: Gram
                  + c * s.hidden_size * 4)  # gate features of one chunk
+    if s.laprox:
+        one_layer += (s.q_heads * w * c * 4 + s.q_heads * group * c * 4  # permuted probabilities, head pairs
+                      + min(c, int(CHUNK) // group) * group * group * s.head_dim * 4  # value cross terms
+                      + s.q_heads * group * s.head_dim ** 2 * 4 + s.hidden_size * group * s.head_dim * 4)  # Gram
     items = [("prefill scoring", one_layer + L * n * 5 + L * (n + s.prefill_chunk) * 4)]
     if s.gate_hidden:
         items.append(("gate hidden states", L * (n + s.prefill_chunk) * s.hidden_size * s.act_bytes))
@@ -111,7 +113,7 @@ def total(items: Items) -> int:
     return sum(b for _, b in items)
 
 
-def shapes_of(kvc, settings, gate_hidden: bool = False) -> PluginShapes:
+def shapes_of(kvc, settings, gate_hidden: bool = False, laprox: bool = False) -> PluginShapes:
     """The shapes of a ``KVCacheConfigurator`` (SGLang's) and the plugin's settings, per rank: under
     tensor parallelism a rank scores and stores only its own query / kv heads."""
     sa, mc = kvc.server_args, kvc.model_config
@@ -128,7 +130,7 @@ def shapes_of(kvc, settings, gate_hidden: bool = False) -> PluginShapes:
         graph_max_bs=graph_max_bs(sa),
         prefill_chunk=int(chunk) if chunk and chunk > 0 else context, window=int(settings.window),
         decode_interval=int(settings.decode_interval), scores=bool(settings.prunes),
-        gate_hidden=bool(gate_hidden and settings.prunes),
+        gate_hidden=bool(gate_hidden and settings.prunes), laprox=bool(laprox and settings.prunes),
     )
 
 

@@ -2,6 +2,8 @@
 in the capacity plan against the real allocations, and the numbers at Llama-3.1-8B shapes with a
 128k context and decode CUDA graphs up to batch 256."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -60,10 +62,12 @@ def test_prefill_scoring_peak_is_within_the_counted_bytes(policy):
     P.prefill_end(SyncCounter(), st, reqs, n, measure=live, policy=policy)
     s = M.PluginShapes(num_layers=S.LAYERS, q_heads=S.Q_HEADS, kv_heads=S.KV_HEADS, head_dim=S.HEAD_DIM,
                        hidden_size=4096, context_len=n, kv_bytes=2, act_bytes=2, graph_max_bs=0, prefill_chunk=n,
-                       window=8, decode_interval=0, scores=True, gate_hidden=False)
+                       window=8, decode_interval=0, scores=True, gate_hidden=False, laprox=policy == "laprox")
     counted = M.total(M.scoring_items(s))
     assert live.peak > 0
     assert live.peak <= counted, (live.peak, counted)
+    if policy == "laprox":  # LaProx's transients are counted for LaProx only
+        assert counted > M.total(M.scoring_items(dataclasses.replace(s, laprox=False)))
 
 
 def test_llama31_8b_128k_batch_256_buffers_are_bounded_and_counted():
