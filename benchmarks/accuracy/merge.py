@@ -46,12 +46,11 @@ def merge(base: dict, update: dict) -> dict:
         for k in SAME_SAMPLE:
             if b[k] != u[k]:
                 raise ValueError(f"sample {i}: {k} differs: base {b[k]} vs update {u[k]}")
-        bfull = [r["output"] for r in b["runs"] if r["policy"] == "full"]
-        ufull = [r["output"] for r in u["runs"] if r["policy"] == "full"]
-        btok = [r["tokens"] for r in b["runs"] if r["policy"] == "full"]
-        if len(btok) != 1 or btok != [r["tokens"] for r in u["runs"] if r["policy"] == "full"]:
-            raise ValueError(f"sample {i}: the full-cache answers differ (base {bfull} vs update {ufull}): "
-                             "not the same model or prefill")
+        bfull = [r for r in b["runs"] if r["policy"] == "full"]
+        ufull = [r for r in u["runs"] if r["policy"] == "full"]
+        if len(bfull) != 1 or [r["tokens"] for r in bfull] != [r["tokens"] for r in ufull]:
+            raise ValueError(f"sample {i}: the full-cache answers differ (base {[r['output'] for r in bfull]} vs "
+                             f"update {[r['output'] for r in ufull]}): not the same model or prefill")
         b["runs"] = [r for r in b["runs"] if r["policy"] not in names] + [r for r in u["runs"] if r["policy"] in names]
     cfg = out["config"]
     cfg["policies"] = [p for p in cfg["policies"] if p not in names] + names

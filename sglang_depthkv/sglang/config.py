@@ -353,19 +353,24 @@ def check_files(settings: DepthKVSettings, hf_config) -> None:
             raise DepthKVConfigError("--kv-gates", str(e)) from e
 
 
+def scores_with_laprox(settings: DepthKVSettings, hf_config) -> bool:
+    """Whether the policy scores tokens with LaProx: ``--kv-policy laprox``, or ``depthkv`` with a
+    profile calibrated with LaProx (the scorer DepthKV serves with is the profile's)."""
+    if settings.policy == "laprox":
+        return True
+    if settings.policy != "depthkv" or settings.profile in (None, NO_AUTO_PROFILE):
+        return False
+    from sglang_depthkv.core.profile import load_profile
+
+    return load_profile(settings.profile, model_identity(hf_config)).scorer == "laprox"
+
+
 def check_head_split(settings: DepthKVSettings, hf_config, tp_size: int) -> None:
     """LaProx mixes the query heads of a kv head (``Scorer.mixes_query_heads``); with more
     tensor-parallel ranks than kv heads SGLang replicates each kv head and splits its query heads over
     ranks, so no rank could score it. Refused for ``--kv-policy laprox`` and for a DepthKV profile
     calibrated with LaProx."""
-    if tp_size <= 1:
-        return
-    scorer = settings.policy
-    if settings.policy == "depthkv" and settings.profile not in (None, NO_AUTO_PROFILE):
-        from sglang_depthkv.core.profile import load_profile
-
-        scorer = load_profile(settings.profile, model_identity(hf_config)).scorer
-    if scorer != "laprox":
+    if tp_size <= 1 or not scores_with_laprox(settings, hf_config):
         return
     kvh = model_identity(hf_config).num_key_value_heads
     if tp_size > kvh:

@@ -16,6 +16,7 @@ from sglang.srt.model_executor.pool_configurator import (
 )
 
 from sglang_depthkv.sglang import plugin_memory
+from sglang_depthkv.sglang.config import scores_with_laprox
 from sglang_depthkv.sglang.capacity import (
     CapacityPlan,
     default_headroom,
@@ -44,7 +45,7 @@ class DepthKVPoolConfigurator(MemoryPoolConfigurator):
             getattr(sa, "chunked_prefill_size", None), int(kvc.model_config.context_len), settings.window, settings.sinks
         )
         self.shapes = plugin_memory.shapes_of(kvc, settings, gate_hidden=_gates_read_hidden(settings, kvc),
-                                              laprox=_scores_with_laprox(settings, kvc))
+                                              laprox=scores_with_laprox(settings, kvc.model_config.hf_config))
         self.plugin = plugin_memory.items_function(self.shapes)
 
     def plan_for_tokens(self, n: int) -> CapacityPlan:
@@ -65,18 +66,6 @@ class DepthKVPoolConfigurator(MemoryPoolConfigurator):
         if page_size != 1:
             raise ValueError(f"--page-size: {page_size} not supported with --kv-policy")
         return self._config(self.plan_for_tokens(max_total_num_tokens))
-
-
-def _scores_with_laprox(settings, kvc) -> bool:
-    """Whether the policy scores with LaProx (its scoring transients are counted then)."""
-    if settings.policy == "laprox":
-        return True
-    if settings.policy != "depthkv" or settings.profile is None:
-        return False
-    from sglang_depthkv.core.profile import load_profile
-    from sglang_depthkv.core.types import ModelIdentity
-
-    return load_profile(settings.profile, ModelIdentity.from_hf_config(kvc.model_config.hf_config)).scorer == "laprox"
 
 
 def _gates_read_hidden(settings, kvc) -> bool:
