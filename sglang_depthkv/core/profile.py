@@ -10,7 +10,10 @@ File format (version 1)::
      "metric": "kl_next_token",
      "calibration": {...}}                        # settings of the calibration run; "pool_kernel":
                                                   # the pooled scorer's kernel, which DepthKV then
-                                                  # serves with (absent: the scorer's default)
+                                                  # serves with (absent: the scorer's default);
+                                                  # "score": the scorer's formula name
+                                                  # (``Scorer.definition``), required and matched
+                                                  # for scorers that have one (LaProx)
 
 KL at keep fraction 1.0 is 0 by definition (nothing pruned); it is implied when 1.0 is not listed,
 and must be 0 when it is. Every error is a ``ProfileError`` (a ``ValueError``) naming the problem
@@ -104,6 +107,11 @@ class SensitivityProfile:
             raise ProfileError(f"{where}: 'metric' must be a non-empty string, got {self.metric!r}")
         if not isinstance(self.calibration, dict):
             raise ProfileError(f"{where}: 'calibration' must be an object, got {type(self.calibration).__name__}")
+        want, got = PROFILE_SCORERS[self.scorer].definition, self.calibration.get("score")
+        if want and got != want:
+            raise ProfileError(f"{where}: measured with another {self.scorer} score "
+                               f"({'none recorded' if got is None else repr(got)}) than this version's {want!r}; "
+                               f"re-calibrate with `python -m sglang_depthkv calibrate --scorer {self.scorer}`")
         if "pool_kernel" in self.calibration:
             from .scorers import profile_scorer
 

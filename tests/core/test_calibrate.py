@@ -151,7 +151,8 @@ def test_calibrate_without_out_writes_the_models_cache_entry(tmp_path, model, mo
     assert rc == 0
     found = find_cached_profile(d)
     assert found is not None and found.parent == tmp_path / "cache" / "profiles" and found.name.endswith("-laprox.json")
-    assert json.loads(found.read_text())["scorer"] == "laprox"
+    doc = json.loads(found.read_text())
+    assert doc["scorer"] == "laprox" and doc["calibration"]["score"] == "kv-group output Frobenius norm"
     assert str(found) in capsys.readouterr().out
 
 
@@ -200,7 +201,7 @@ def test_train_gates_cli(tmp_path, capsys):
                "--context-tokens", "64", "--samples", "2"])
     assert rc == 0
     gates = load_gates(out, model_identity(load_hf_model(d)))
-    assert gates.weight.shape == (4, 2, 32 + 128)
+    assert gates.weight.shape == (4, 2, 32 // 2 + 128)  # one norm per RoPE plane + the hidden state
     assert gates.training["text"] == str(text)
     assert "ridge" in _cli_error(capsys, ["train-gates", "--model", str(d), "--text", str(text), "--tokenizer",
                                           "bytes", "--out", str(out), "--ridge", "0"])

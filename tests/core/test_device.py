@@ -126,13 +126,17 @@ def brute_window_probs(obs):
 
 
 def brute_gate_scores(gt, obs):
-    """sigmoid(w·[k/||k||, h/||h||] + b) per (kv head, token), float64 loops."""
+    """sigmoid(w·[r/||r||, h/||h||] + b) per (kv head, token), r_i = |(k_i, k_{i+d/2})| the key's
+    norm in each RoPE plane, float64 loops."""
     w, b = gt.weight[obs.layer].double(), gt.bias[obs.layer].double()
     out = torch.zeros(KVH, obs.num_tokens, dtype=torch.float64)
     for g in range(KVH):
         for t in range(obs.num_tokens):
             k = obs.keys[g, t].double()
-            x = [k / k.norm()]
+            half = k.numel() // 2
+            r = torch.tensor([math.sqrt(float(k[i]) ** 2 + float(k[i + half]) ** 2) for i in range(half)],
+                             dtype=torch.float64)
+            x = [r / r.norm()]
             if gt.spec.use_hidden:
                 h = obs.hidden_states[t].double()
                 x.append(h / h.norm())

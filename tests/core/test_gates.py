@@ -130,6 +130,8 @@ def test_gate_file_round_trip_and_errors(tmp_path, llama):
         G.load_gates(write({**h, "format": "something-else"}, "f.safetensors"))
     with pytest.raises(G.GateFileError, match="version"):
         G.load_gates(write({**h, "version": 99}, "v.safetensors"))
+    with pytest.raises(G.GateFileError, match="version 1 gates read the post-RoPE key direction; retrain"):
+        G.load_gates(write({**h, "version": 1}, "v1.safetensors"))
     save_file({"weight": gates.weight}, str(tmp_path / "nometa.safetensors"))
     with pytest.raises(G.GateFileError, match="header"):
         G.load_gates(tmp_path / "nometa.safetensors")
@@ -149,7 +151,7 @@ def test_hidden_gate_needs_hidden_states(llama):
 def test_bad_training_inputs():
     ident = ModelIdentity(num_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, hidden_size=8)
     spec = G.FeatureSpec(True, False, 4, 8)
-    x = torch.randn(1, 10, 4)
+    x = torch.randn(1, 10, spec.dim)
     with pytest.raises(ValueError, match="ridge"):
         G.fit_gates(ident, spec, [x], [torch.rand(1, 10)], ridge=0.0)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
@@ -173,8 +175,10 @@ def test_kvzip_scorer(llama):
         s = scorer.score(obs)
         assert s.shape == (2, 60) and s.dtype == torch.float32
         assert float(s.min()) >= 0.0 and float(s.max()) <= 1.0
-        # independent: sigmoid of the linear gate on [k/|k|, h/|h|]
-        k = obs.keys / obs.keys.norm(dim=-1, keepdim=True)
+        # independent: sigmoid of the linear gate on [r/|r|, h/|h|], r the key's RoPE-plane norms
+        half = obs.keys.shape[-1] // 2
+        r = (obs.keys[..., :half] ** 2 + obs.keys[..., half:] ** 2).sqrt()
+        k = r / r.norm(dim=-1, keepdim=True)
         h = obs.hidden_states / obs.hidden_states.norm(dim=-1, keepdim=True)
         for g in range(2):
             x = torch.cat([k[g], h], dim=-1).double()
@@ -204,7 +208,8 @@ def test_kvzip_policy_runs_on_reference_path(llama):
 @pytest.mark.parametrize("use_key,use_hidden", [(True, True), (True, False), (False, True)])
 def test_gate_scores_over_chunks_equal_the_float64_feature_formula(monkeypatch, use_key, use_hidden):
     """``KVzipGates.scores`` applies the key and hidden parts chunk by chunk (no [kvh, n, F] features):
-    equal to sigmoid(w · [k/|k|, h/|h|] + b) in float64, with chunks of 7 tokens over 30."""
+    equal to sigmoid(w · [r/|r|, h/|h|] + b) in float64 (r the key's RoPE-plane norms), with chunks
+    of 7 tokens over 30."""
     import sglang_depthkv.core.scorers.window_attention as WA
 
     monkeypatch.setattr(WA, "CHUNK", 7)
@@ -217,7 +222,8 @@ def test_gate_scores_over_chunks_equal_the_float64_feature_formula(monkeypatch, 
     parts = []
     if use_key:
         k = keys.double()
-        parts.append(k / k.norm(dim=-1, keepdim=True))
+        r = (k[..., :4] ** 2 + k[..., 4:] ** 2).sqrt()
+        parts.append(r / r.norm(dim=-1, keepdim=True))
     if use_hidden:
         h = hid.double()
         parts.append((h / h.norm(dim=-1, keepdim=True))[None].expand(2, 30, 16))
@@ -226,3 +232,35 @@ def test_gate_scores_over_chunks_equal_the_float64_feature_formula(monkeypatch, 
     got = gates.scores(_obs(1, keys, hid if use_hidden else None))
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), want, atol=1e-6)
+
+
+def test_gate_scores_do_not_depend_on_the_rope_position():
+    """The same pre-RoPE key, rotated by transformers' own RoPE at positions 0..29 or 8000..8029,
+    gets the same gate score (the key part reads each RoPE plane's norm); the key direction the
+    version-1 gates read does change with the position."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    ident = ModelIdentity(num_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_size=16)
+    spec = G.FeatureSpec(use_key=True, use_hidden=False, head_dim=8, hidden_size=16)
+    gen = torch.Generator().manual_seed(5)
+    gates = G.KVzipGates(ident, spec, torch.randn(1, 2, spec.dim, generator=gen), torch.randn(1, 2, generator=gen))
+    raw = torch.randn(1, 2, 30, 8, generator=gen, dtype=torch.float64)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8))
+
+    def rotated(start):
+        ang = torch.arange(start, start + 30, dtype=torch.float64)[:, None] * inv[None]
+        emb = torch.cat([ang, ang], dim=-1)[None]
+        _, k = apply_rotary_pos_emb(raw, raw, emb.cos(), emb.sin())
+        return k[0]
+
+    near, far = rotated(0), rotated(8000)
+    assert not torch.allclose(near / near.norm(dim=-1, keepdim=True), far / far.norm(dim=-1, keepdim=True), atol=1e-2)
+    s_near = gates.scores(_obs(0, near.float(), None))
+    s_far = gates.scores(_obs(0, far.float(), None))
+    torch.testing.assert_close(s_far, s_near, rtol=1e-5, atol=1e-6)
+
+
+def test_key_features_need_an_even_head_dim():
+    with pytest.raises(ValueError, match="even head_dim"):
+        G.FeatureSpec(True, False, 7, 8).check()
+    G.FeatureSpec(False, True, 7, 8).check()  # no key part: any head_dim

@@ -135,3 +135,23 @@ def test_recorded_pool_kernel_is_served_and_checked(tmp_path):
     doc.update(scorer="streamingllm", calibration={"pool_kernel": 5})
     with pytest.raises(ProfileError, match="'streamingllm' does not pool its scores"):
         load_profile(write(tmp_path, doc))
+
+
+def test_laprox_profile_must_record_the_current_laprox_score(tmp_path):
+    """A LaProx profile measured with another LaProx formula (none recorded: the earlier per-head
+    norms) is refused with the command that re-calibrates it; the current formula's name loads, and
+    calibration records it (``scorer_record``)."""
+    from sglang_depthkv.core.scorers import LaProxScorer, scorer_record
+
+    doc = good_doc()
+    doc.update(scorer="laprox", calibration={"pool_kernel": 7})
+    with pytest.raises(ProfileError, match=r"another laprox score \(none recorded\).*calibrate --scorer laprox"):
+        load_profile(write(tmp_path, doc))
+    doc["calibration"]["score"] = "per-head norms"
+    with pytest.raises(ProfileError, match="another laprox score \\('per-head norms'\\)"):
+        load_profile(write(tmp_path, doc))
+    doc["calibration"] = scorer_record(LaProxScorer())
+    assert doc["calibration"] == {"pool_kernel": 7, "score": "kv-group output Frobenius norm"}
+    assert load_profile(write(tmp_path, doc), IDENT).scorer == "laprox"
+    doc.update(scorer="snapkv", calibration={})  # SnapKV's formula never changed: nothing to record
+    assert load_profile(write(tmp_path, doc), IDENT).scorer == "snapkv"

@@ -42,4 +42,7 @@ def make_profile(path, num_layers=4, scorer="snapkv", **identity_overrides):
                  architecture="LlamaForCausalLM")
     ident.update(identity_overrides)
     sens = [[0.5 + l, 0.1 * (l + 1), 0.0] for l in range(ident["num_layers"])]
-    return save_profile(SensitivityProfile(ModelIdentity(**ident), scorer, [0.25, 0.5, 1.0], sens), path)
+    from sglang_depthkv.core.scorers import profile_scorer, scorer_record
+
+    return save_profile(SensitivityProfile(ModelIdentity(**ident), scorer, [0.25, 0.5, 1.0], sens,
+                                           calibration=scorer_record(profile_scorer(scorer))), path)

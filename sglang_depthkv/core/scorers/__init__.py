@@ -31,8 +31,12 @@ def profile_scorer(name: str, pool_kernel=None) -> Scorer:
 
 
 def scorer_record(scorer: Scorer) -> dict:
-    """What a profile records about its scorer beyond the name: the pool kernel of a pooled scorer."""
-    return {"pool_kernel": scorer.pool_kernel} if scorer.name in POOLED_SCORERS else {}
+    """What a profile records about its scorer beyond the name: the pool kernel of a pooled scorer,
+    and the name of the score's formula when it has one (``Scorer.definition``)."""
+    record = {"pool_kernel": scorer.pool_kernel} if scorer.name in POOLED_SCORERS else {}
+    if scorer.definition:
+        record["score"] = scorer.definition
+    return record
 
 
 __all__ = ["Scorer", "FullScorer", "StreamingLLMScorer", "SnapKVScorer", "LaProxScorer", "PROFILE_SCORERS",

@@ -25,6 +25,10 @@ class Scorer(ABC):
     # True: a kv head's score mixes its query heads non-linearly (LaProx's inter-head terms), so it
     # cannot be split over ranks that each hold part of them: replicated kv heads are refused.
     mixes_query_heads: bool = False
+    # The name of the score's formula, for scorers whose formula changed between versions of this
+    # package: DepthKV profiles record it (``calibration.score``) and a profile measured with another
+    # formula is refused instead of being served with this one. Empty: never changed.
+    definition: str = ""
 
     @abstractmethod
     def score(self, obs: LayerObservation) -> torch.Tensor:

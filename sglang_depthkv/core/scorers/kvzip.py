@@ -1,8 +1,9 @@
 """KVzip gate scorer: query-agnostic keep scores from trained per-(layer, kv head) gates.
 
-score[g, t] = sigmoid(w[l, g] · [k/||k||, h/||h||] + b[l, g]) in [0, 1] (see ``core/gates.py`` for the
-features, the reconstruction target and the file format). Independent of the window queries, so
-the scores of a reused prefix never change.
+score[g, t] = sigmoid(w[l, g] · [r/||r||, h/||h||] + b[l, g]) in [0, 1], ``r`` the key's norm in
+each RoPE plane (see ``core/gates.py`` for the features, the reconstruction target and the file
+format). Independent of the window queries and of the position, so the scores of a reused prefix
+never change.
 """
 
 from __future__ import annotations

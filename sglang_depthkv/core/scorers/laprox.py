@@ -90,6 +90,8 @@ class LaProxScorer(Scorer):
     name = "laprox"
     query_agnostic = False
     mixes_query_heads = True
+    # the score above; profiles measured with the earlier per-head norms record none and are refused
+    definition = "kv-group output Frobenius norm"
 
     def __init__(self, pool_kernel: int = DEFAULT_POOL_KERNEL):
         self.pool_kernel = check_pool_kernel("LaProxScorer", pool_kernel)
