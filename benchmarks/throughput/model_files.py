@@ -109,14 +109,17 @@ def resample_rows(rows: list, num_layers: int) -> list:
 
 def write_resampled_profile(out_path: Union[str, Path], cfg: dict, source: Union[str, Path] = SMOLLM2_PROFILE) -> Path:
     from sglang_depthkv.core.profile import SensitivityProfile, load_profile, save_profile
+    from sglang_depthkv.core.scorers import profile_scorer, scorer_record
     from sglang_depthkv.core.types import ModelIdentity
 
     src = load_profile(source)
+    # the source's scorer as it measured (pool kernel, score name): DepthKV serves with it
+    scorer = scorer_record(profile_scorer(src.scorer, src.calibration.get("pool_kernel")))
     identity = ModelIdentity.from_hf_config(hf_config_view(cfg), name="dummy-weights:" + str(cfg.get("model_type", "")))
     prof = SensitivityProfile(
         model=identity, scorer=src.scorer, keep_fractions=list(src.keep_fractions),
         sensitivity=resample_rows(src.sensitivity, identity.num_layers), metric=src.metric,
-        calibration={"resampled_from": str(Path(source).name), "source_model": src.model.name,
+        calibration={**scorer, "resampled_from": str(Path(source).name), "source_model": src.model.name,
                      "method": "linear interpolation of the per-layer KL curves over relative depth",
                      "note": "throughput runs on dummy weights: capacity and speed only, quality not measured"},
     )

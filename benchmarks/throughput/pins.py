@@ -22,14 +22,20 @@ def kv_cell_bytes(cfg: dict, dtype: Optional[str] = None) -> int:
     return kv_heads(cfg) * 2 * head_dim(cfg) * int(cfg["num_hidden_layers"]) * dtype_bytes(cfg, dtype)
 
 
-def plugin_fractions(policy: str, budget: float, profile: Optional[str], cfg: dict) -> list:
-    from sglang_depthkv.sglang.capacity import policy_layer_fractions
+def plugin_settings(policy: str, budget: float, profile: Optional[str]):
+    """The plugin's ``DepthKVSettings`` of a server of the run (the profile only for ``depthkv``)."""
     from sglang_depthkv.sglang.config import parse_settings
 
     raw = {"kv_policy": policy, "kv_budget": budget}
     if policy == "depthkv":
         raw["kv_profile"] = profile
-    settings = parse_settings(raw)
+    return parse_settings(raw)
+
+
+def plugin_fractions(policy: str, budget: float, profile: Optional[str], cfg: dict) -> list:
+    from sglang_depthkv.sglang.capacity import policy_layer_fractions
+
+    settings = plugin_settings(policy, budget, profile)
     return policy_layer_fractions(settings, int(cfg["num_hidden_layers"]), hf_config_view(cfg))
 
 
@@ -42,11 +48,15 @@ def headroom(chunked_prefill_size: Optional[int], context_len: int, window: int 
 
 
 def plugin_shapes(cfg: dict, context_len: int, chunked_prefill_size: Optional[int], dtype: Optional[str],
-                  graph_max_bs: int, decode_interval: int, policy: str, budget: float):
-    """``plugin_memory.PluginShapes`` of a server of the run (default window; no gate files)."""
-    from sglang_depthkv.sglang.config import DEFAULT_WINDOW
+                  graph_max_bs: int, decode_interval: int, policy: str, budget: float,
+                  profile: Optional[str] = None):
+    """``plugin_memory.PluginShapes`` of a server of the run (default window; no gate files). LaProx's
+    scoring transients count as the plugin counts them (``config.scores_with_laprox``): for
+    ``laprox`` and for ``depthkv`` with a profile calibrated with LaProx."""
+    from sglang_depthkv.sglang.config import DEFAULT_WINDOW, scores_with_laprox
     from sglang_depthkv.sglang.plugin_memory import PluginShapes
 
+    settings = plugin_settings(policy, budget, profile)
     b = dtype_bytes(cfg, dtype)
     ctx = int(context_len)
     return PluginShapes(
@@ -54,8 +64,8 @@ def plugin_shapes(cfg: dict, context_len: int, chunked_prefill_size: Optional[in
         head_dim=head_dim(cfg), hidden_size=int(cfg["hidden_size"]), context_len=ctx, kv_bytes=b, act_bytes=b,
         graph_max_bs=int(graph_max_bs), prefill_chunk=int(chunked_prefill_size) if chunked_prefill_size else ctx,
         window=DEFAULT_WINDOW, decode_interval=int(decode_interval),
-        scores=policy != "full" and float(budget) < 1.0, gate_hidden=False,
-        laprox=policy == "laprox" and float(budget) < 1.0)
+        scores=settings.prunes, gate_hidden=False,
+        laprox=settings.prunes and scores_with_laprox(settings, hf_config_view(cfg)))
 
 
 def equal_bytes_plan(vanilla_tokens: int, policy: str, budget: float, profile: Optional[str], cfg: dict,
@@ -70,6 +80,7 @@ def equal_bytes_plan(vanilla_tokens: int, policy: str, budget: float, profile: O
         raise ValueError(f"--vanilla-kv-tokens must be a positive integer, got {vanilla_tokens!r}")
     cell = kv_cell_bytes(cfg, dtype)
     L = int(cfg["num_hidden_layers"])
-    shapes = plugin_shapes(cfg, context_len, chunked_prefill_size, dtype, graph_max_bs, decode_interval, policy, budget)
+    shapes = plugin_shapes(cfg, context_len, chunked_prefill_size, dtype, graph_max_bs, decode_interval, policy, budget,
+                           profile)
     return plan_for_bytes(vanilla_tokens * cell, plugin_fractions(policy, budget, profile, cfg),
                           headroom(chunked_prefill_size, context_len), cell // L, plugin=items_function(shapes))

@@ -87,6 +87,12 @@ def rope_plane_norms(keys: torch.Tensor) -> torch.Tensor:
     return torch.hypot(k[..., :half], k[..., half:])
 
 
+def _key_part(keys: torch.Tensor) -> torch.Tensor:
+    """The key part of the gate features: unit RoPE-plane norms (one definition for the feature
+    builder and the chunked gate)."""
+    return _unit(rope_plane_norms(keys))
+
+
 def gate_features(spec: FeatureSpec, keys: torch.Tensor, hidden: Optional[torch.Tensor]) -> torch.Tensor:
     """Features ``[kvh, n, F]`` from keys ``[kvh, n, d]`` and hidden states ``[n, hidden]``."""
     parts = []
@@ -94,7 +100,7 @@ def gate_features(spec: FeatureSpec, keys: torch.Tensor, hidden: Optional[torch.
     if spec.use_key:
         if keys.shape[2] != spec.head_dim:
             raise ValueError(f"keys have head_dim {keys.shape[2]}, the gates expect {spec.head_dim}")
-        parts.append(_unit(rope_plane_norms(keys)))
+        parts.append(_key_part(keys))
     if spec.use_hidden:
         if hidden is None:
             raise ValueError("these gates use hidden states but the observation has none "
@@ -181,7 +187,7 @@ class KVzipGates:
             acc = torch.zeros((kvh, hi - lo), dtype=torch.float32, device=keys.device)
             off = 0
             if spec.use_key:
-                acc += torch.einsum("gnd,gd->gn", _unit(rope_plane_norms(keys[:, lo:hi])), w[:, :spec.key_dim])
+                acc += torch.einsum("gnd,gd->gn", _key_part(keys[:, lo:hi]), w[:, :spec.key_dim])
                 off = spec.key_dim
             if spec.use_hidden:
                 acc += (_unit(hidden[lo:hi].float()) @ w[:, off:off + spec.hidden_size].t()).t()

@@ -188,6 +188,16 @@ def test_equal_bytes_pins_fit_vanilla_bytes(tmp_path):
         bigger = plan_for_tokens(plan.logical_tokens + 1, plan.fractions, 512, cell // 4, items_function(shapes))
         assert bigger.total_bytes() > 4096 * cell  # and the largest such N
         assert sum(plan.fractions) / 4 == pytest.approx(budget)
+    # a profile calibrated with LaProx: DepthKV scores with LaProx and reserves its transients, as the plugin does
+    from benchmarks.throughput.model_files import ROOT
+
+    lap = write_resampled_profile(tmp_path / "lap.json", TINY_LLAMA,
+                                  source=ROOT / "benchmarks" / "results" / "smollm2_profile_laprox.json")
+    snap_plan = pins.equal_bytes_plan(4096, "depthkv", 0.3, str(prof), TINY_LLAMA, 512, 4096)
+    lap_plan = pins.equal_bytes_plan(4096, "depthkv", 0.3, str(lap), TINY_LLAMA, 512, 4096)
+    assert lap_plan.plugin_bytes() > snap_plan.plugin_bytes()
+    assert pins.plugin_shapes(TINY_LLAMA, 4096, 512, None, 0, 0, "depthkv", 0.3, str(lap)).laprox
+    assert not pins.plugin_shapes(TINY_LLAMA, 4096, 512, None, 0, 0, "depthkv", 0.3, str(prof)).laprox
     full = pins.equal_bytes_plan(4096, "full", 1.0, None, TINY_LLAMA, 512, 4096)
     assert full.logical_tokens < 4096  # the mapping and free lists cost a little
     # every slot costs cell/4 = 512 B at each of 4 layers; metadata 4*4 + 8 B per logical token + 8 B per slot:
