@@ -14,7 +14,7 @@ SGLang path take for one request at the end of its prefill:
 Named policies (``make_policy``): ``full`` (budget forced to 1), ``streamingllm`` (uniform +
 recency), ``snapkv`` (uniform + SnapKV), ``pyramid`` (PyramidKV + SnapKV), ``depthkv`` (DepthKV
 profile + the scorer it was calibrated with, SnapKV by default), ``laprox`` (global top-k +
-LaProx), ``kvzip`` (global top-k + KVzip gates).
+LaProx with ``head_mean_power`` 0.5, see ``core/scorers/laprox.py``), ``kvzip`` (global top-k + KVzip gates).
 ``profile`` / ``gates`` are only used by ``depthkv`` / ``kvzip`` and ignored by the others (so one
 call site can build every policy with the same arguments).
 """
@@ -41,6 +41,9 @@ from .selection import protect, select_top, token_scores
 from .types import LayerObservation
 
 POLICY_NAMES = ("full", "streamingllm", "snapkv", "pyramid", "depthkv", "laprox", "kvzip")
+# LaProx under the global top-k: scores over the square root of their kv head's mean (the measurement
+# that chose it is in core/scorers/laprox.py)
+LAPROX_GLOBAL_HEAD_MEAN_POWER = 0.5
 
 
 def _non_negative_int(name: str, v) -> int:
@@ -157,7 +160,8 @@ def make_policy(name: str, budget: float, *, profile: Optional[SensitivityProfil
         scorer = profile_scorer(profile.scorer, profile.calibration.get("pool_kernel"))
         return PrunePolicy(name, scorer, DepthKVAllocator(profile), budget, sinks, window)
     if name == "laprox":
-        return PrunePolicy(name, LaProxScorer(), GlobalTopKAllocator(), budget, sinks, window)
+        return PrunePolicy(name, LaProxScorer(head_mean_power=LAPROX_GLOBAL_HEAD_MEAN_POWER), GlobalTopKAllocator(),
+                           budget, sinks, window)
     # kvzip
     if gates is None:
         raise ValueError("policy 'kvzip' needs trained gates (gates=core.gates.load_gates(...))")

@@ -84,6 +84,7 @@ SCORERS = {
     "snapkv": lambda: SnapKVScorer(),
     "snapkv-k1": lambda: SnapKVScorer(pool_kernel=1),
     "laprox": lambda: LaProxScorer(),
+    "laprox-head-mean": lambda: LaProxScorer(head_mean_power=0.5),
     "kvzip-hidden": lambda: KVzipGateScorer(gates(use_hidden=True)),
     "kvzip-key-only": lambda: KVzipGateScorer(gates(use_hidden=False)),
 }
@@ -267,6 +268,6 @@ def test_global_topk_policies_on_cpu(name):
     obs = observations(seed=3)
     keep = pol.select(obs)
     assert all(k.device.type == "cpu" and k.dtype == torch.int64 for k in keep)
-    scorer = LaProxScorer() if name == "laprox" else KVzipGateScorer(gt)
+    scorer = LaProxScorer(head_mean_power=0.5) if name == "laprox" else KVzipGateScorer(gt)
     prot = [protect(token_scores(scorer.score(o)), SINKS, W).tolist() for o in obs]
     assert [k.tolist() for k in keep] == brute_global_select(prot, 0.4)

@@ -5,6 +5,7 @@ from sglang_depthkv.core.budgets import (DepthKVAllocator, GlobalTopKAllocator, 
                                          total_keep)
 from sglang_depthkv.core.policy import POLICY_NAMES, PrunePolicy, make_policy
 from sglang_depthkv.core.profile import SensitivityProfile
+from sglang_depthkv.core.scorers import profile_scorer
 from sglang_depthkv.core.scorers.laprox import LaProxScorer
 from sglang_depthkv.core.scorers.snapkv import SnapKVScorer
 from sglang_depthkv.core.scorers.streaming_llm import StreamingLLMScorer
@@ -34,6 +35,10 @@ def test_names_and_components():
     assert isinstance(make_policy("streamingllm", 0.3).scorer, StreamingLLMScorer)
     assert isinstance(make_policy("pyramid", 0.3).scorer, SnapKVScorer)
     assert isinstance(make_policy("laprox", 0.3).scorer, LaProxScorer)
+    # the global top-k ranks LaProx scores over the square root of their kv head's mean; a DepthKV
+    # profile's LaProx (budgets from the profile) keeps the scores in output units
+    assert make_policy("laprox", 0.3).scorer.head_mean_power == 0.5
+    assert profile_scorer("laprox").head_mean_power == 0.0
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -123,6 +123,33 @@ def test_laprox_matches_bruteforce(seed, kernel):
     torch.testing.assert_close(got.double(), brute_laprox(obs, kernel), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("power", [0.5, 1.0])
+def test_laprox_head_mean_power_matches_bruteforce(power):
+    """``head_mean_power`` γ: the float64 brute-force score divided by its kv head's mean over the
+    n tokens, to the power γ; γ = 1 makes the score blind to the scale of ``W_o``, γ = 0.5 halves
+    the exponent of that scale."""
+    obs = make_obs(4)
+    want = brute_laprox(obs)
+    want = want / want.mean(dim=1, keepdim=True) ** power
+    got = LaProxScorer(head_mean_power=power).score(obs)
+    assert got.dtype == torch.float32 and got.shape == (KVH, N)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-6)
+    obs.o_proj_weight = obs.o_proj_weight * 16.0
+    torch.testing.assert_close(LaProxScorer(head_mean_power=power).score(obs), got * 16.0 ** (1 - power),
+                               rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan"), True, "x", None])
+def test_laprox_head_mean_power_must_lie_in_0_1(bad):
+    with pytest.raises(ValueError, match="head_mean_power must be in"):
+        LaProxScorer(head_mean_power=bad)
+
+
+def test_laprox_definition_names_the_head_mean_power():
+    assert LaProxScorer().definition == "kv-group output Frobenius norm"
+    assert LaProxScorer(head_mean_power=0.5).definition == "kv-group output Frobenius norm / kv-head mean^0.5"
+
+
 @pytest.mark.parametrize("bad", [0, 2, -1, 1.5, True])
 def test_laprox_pool_kernel_must_be_a_positive_odd_integer(bad):
     with pytest.raises(ValueError, match="LaProxScorer: pool_kernel must be a positive odd integer"):

@@ -3,18 +3,25 @@ SIGKILLs its parent's process tree). Usage: python e2e_runs.py SPEC_JSON; prints
 ``RESULT {json}``. SPEC: {"runs": [{"name", "model", "engine_kwargs", "batches": [[{"rid", "ids"}...]...],
 "max_new_tokens", "env"?}]} (``env``: variables set for that run only, e.g. SGLang's CPU thread binding of
 tensor-parallel ranks). Each batch is sent as one ``generate`` call (requests of one batch are
-scheduled together); the per-layer keep sets are read back from ``SGLANG_DEPTHKV_DUMP_KEEP``."""
+scheduled together); the per-layer keep sets are read back from ``SGLANG_DEPTHKV_DUMP_KEEP``. With
+``SGLANG_DEPTHKV_INVARIANT_LOG`` set, the engine is shut down only after every scheduler process
+(``tp_size · dp_size``) has logged an idle check: a rank that took its first requests on its first
+loop turn reaches the idle check only after its last batch, which a prompt shutdown would cut off."""
 
 import json
 import os
 import sys
 import tempfile
+import time
 import traceback
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sglang"))
 from engine_runs import _sigquit  # noqa: E402  (the Engine test runner's SIGQUIT handling)
 
+from sglang_depthkv.sglang.invariant_log import ENV as INVARIANT_LOG_ENV  # noqa: E402
 from sglang_depthkv.sglang.pruning import DUMP_ENV  # noqa: E402
+
+IDLE_WAIT_S = 120
 
 
 def run_one(run, tmp):
@@ -40,6 +47,7 @@ def _run_engine(run, dump):
               custom_sigquit_handler=_sigquit, log_level="error")
     kw.update(run.get("engine_kwargs", {}))
     out = {"name": run["name"], "batches": []}
+    started = time.time()
     eng = sglang.Engine(model_path=run["model"], **kw)
     try:
         sp = {"temperature": 0, "max_new_tokens": run["max_new_tokens"], "ignore_eos": True}
@@ -51,6 +59,7 @@ def _run_engine(run, dump):
                                               "logprobs": [x[0] for x in g["meta_info"]["output_token_logprobs"]]}
                                    for r, g in zip(batch, res)})
         out["server_info"] = [st.get("depthkv") for st in eng.get_server_info()["internal_states"]]
+        _await_idle_checks(started, int(kw.get("tp_size", 1)) * int(kw.get("dp_size", 1)))
     finally:
         eng.shutdown()
     keep = []
@@ -59,6 +68,32 @@ def _run_engine(run, dump):
             keep = [json.loads(l) for l in f if l.strip()]
     out["keep"] = keep
     return out
+
+
+def _await_idle_checks(since: float, schedulers: int) -> None:
+    """Wait until ``schedulers`` processes have logged an idle check since ``since`` (no-op without
+    the invariant log); TimeoutError after ``IDLE_WAIT_S``."""
+    path = os.environ.get(INVARIANT_LOG_ENV)
+    if not path:
+        return
+    deadline = time.time() + IDLE_WAIT_S
+    while True:
+        pids = set()
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:  # a line another process is still appending
+                        continue
+                    if r["kind"] == "idle" and r["t"] >= since:
+                        pids.add(r["pid"])
+        if len(pids) >= schedulers:
+            return
+        if time.time() > deadline:
+            raise TimeoutError(f"{len(pids)} of {schedulers} scheduler processes logged an idle check "
+                               f"in {IDLE_WAIT_S} s")
+        time.sleep(0.1)
 
 
 def run_spec(spec, env, timeout):
