@@ -17,7 +17,7 @@ output through head h, per unit of attention):
 ``M[g, t]`` is token t's part of the attention output of the ``w`` window queries after ``o_proj``:
 dropping the token removes it (before renormalisation), so ``s`` is the size of the error its
 eviction makes in the layer output, in the output's own units. That makes scores comparable
-across heads and layers (the global top-k allocator relies on it), and the heads of a group are
+across the heads of a layer (across layers the units differ: ``γ`` below), and the heads of a group are
 summed *before* the norm, so heads that write the same direction add up and heads that cancel do
 not (the inter-head terms ``a ≠ b``); a per-head norm summed over heads misses both. Measured on
 SmolLM2 with the accuracy tasks (16 samples, 2k and 4k tokens, global top-k, 10 / 20% kept): 0.172 /
