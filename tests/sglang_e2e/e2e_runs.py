@@ -18,7 +18,7 @@ import traceback
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "sglang"))
 from engine_runs import _sigquit  # noqa: E402  (the Engine test runner's SIGQUIT handling)
 
-from sglang_depthkv.sglang.invariant_log import ENV as INVARIANT_LOG_ENV  # noqa: E402
+from sglang_depthkv.sglang.invariant_log import ENV as INVARIANT_LOG_ENV, read_log  # noqa: E402
 from sglang_depthkv.sglang.pruning import DUMP_ENV  # noqa: E402
 
 IDLE_WAIT_S = 120
@@ -78,19 +78,17 @@ def _await_idle_checks(since: float, schedulers: int) -> None:
         return
     deadline = time.time() + IDLE_WAIT_S
     while True:
-        pids = set()
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        r = json.loads(line)
-                    except json.JSONDecodeError:  # a line another process is still appending
-                        continue
-                    if r["kind"] == "idle" and r["t"] >= since:
-                        pids.add(r["pid"])
+        expired = time.time() > deadline
+        try:
+            lines = read_log(path) if os.path.exists(path) else []
+        except ValueError:  # a line another process is still appending; a malformed log raises at the end
+            if expired:
+                raise
+            lines = []
+        pids = {r["pid"] for r in lines if r["kind"] == "idle" and r["t"] >= since}
         if len(pids) >= schedulers:
             return
-        if time.time() > deadline:
+        if expired:
             raise TimeoutError(f"{len(pids)} of {schedulers} scheduler processes logged an idle check "
                                f"in {IDLE_WAIT_S} s")
         time.sleep(0.1)
