@@ -1,8 +1,8 @@
 """kvpress 0.5.5 presses on the accuracy sweep's samples: the peer columns beside our policies.
 
 Same samples as ``benchmarks.accuracy.sweep`` (``core.tasks.make_samples`` with the same tasks,
-lengths, counts and seed), the same model (SmolLM2-135M-Instruct HF export, float32, CPU), the
-same protocol: the whole prompt is prefilled once under the press (the press compresses each
+lengths, counts and seed), the same model (``--model``: the SmolLM2-135M-Instruct or
+Qwen2.5-Coder-0.5B-Instruct HF export, float32, CPU), the same protocol: the whole prompt is prefilled once under the press (the press compresses each
 layer's cache after that layer's attention, so the last prompt token's logits, and the first
 answer token, are the full cache's), then greedy decoding over the compressed cache with positions
 continuing at the original prompt length (as kvpress's own pipeline decodes; HF ``generate`` would
@@ -15,8 +15,22 @@ project's:
     bash benchmarks/accuracy/kvpress_env.sh          # builds .venv-kvpress once
     .venv-kvpress/bin/python -m benchmarks.accuracy.kvpress_peers --out benchmarks/results/accuracy-kvpress.json
 
+One prefill serves every press of a sample (``--prefill shared``, the default): a press's hook
+compresses a layer's cache after that layer's attention and never changes the layer's output, so the
+prompt's forward pass is the same under every press. The shared prefill runs it once with the full
+cache and calls each press's own ``forward_hook`` on a copy of that layer's keys and values; the
+head-masking presses (AdaKV, CriticalAdaKV, KVzip) leave their ``masked_key_indices`` per layer,
+which are put back on the modules before that press's decoding. ``KVzipPress`` runs its own
+reconstruction passes once over a copy of the full cache and its ``compress_post`` once per budget
+(its scores do not depend on the budget). ``--prefill per-press`` runs kvpress's pipeline literally,
+one prefill under each press, to check the shared one against: both give the same tokens
+(``tests/core/test_kvpress_shared_prefill.py`` on a tiny model; every run of two SmolLM2 samples of
+2k tokens).
+
 The document has the sweep's format (``samples[].runs[]`` with ``policy`` = the press label), so
 ``benchmarks.accuracy.report`` can put both side by side. It is rewritten after every sample.
+``--reuse FILE`` copies the runs of samples an earlier document already holds (same task, length,
+index, answers and prompt length, every requested press and budget) instead of running them again.
 """
 
 from __future__ import annotations
@@ -82,6 +96,125 @@ def check_transformers() -> None:
                          "run in the venv that benchmarks/accuracy/kvpress_env.sh builds")
 
 
+def _attention_modules(model) -> list:
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def _set_masks(model, masks) -> None:
+    """Put a run's per-layer ``masked_key_indices`` (kvpress's head-wise eviction, read by its attention
+    patch while decoding) on the attention modules; ``None`` clears them."""
+    for i, m in enumerate(_attention_modules(model)):
+        m.masked_key_indices = None if masks is None else masks[i]
+
+
+def _cache_copy(cache):
+    """A DynamicCache holding the same keys and values (decoding concatenates into new tensors, so the
+    copies never write into each other)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        out.update(layer.keys, layer.values, i)
+    return out
+
+
+@torch.no_grad()
+def greedy_continue(model, cache, n: int, first: int, max_new_tokens: int, done) -> list[int]:
+    """Greedy decoding over ``cache`` after a prompt of ``n`` tokens whose logits gave ``first``;
+    positions continue at ``n``."""
+    tokens = [first]
+    for i in range(max_new_tokens - 1):
+        if done(tokens):
+            break
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                    position_ids=torch.tensor([[n + i]]))
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+def _cache_entries(cache) -> int:
+    return sum(int(cache.get_seq_length(layer)) for layer in range(len(cache)))
+
+
+@torch.no_grad()
+def shared_press_runs(model, ids: torch.Tensor, runs: list, max_new_tokens: int, done) -> list[tuple[list[int], int]]:
+    """(tokens, cache entries after the prefill) of each ``(name, budget, press)`` in ``runs`` (press
+    None: the full cache), from one prefill of ``ids [n]``; see the module docstring."""
+    from transformers import DynamicCache
+
+    n = int(ids.shape[0])
+    mods = _attention_modules(model)
+    hooked = [(k, press) for k, (name, _b, press) in enumerate(runs) if press is not None and name != "kvzip"]
+    caches = {k: DynamicCache() for k, _ in hooked}
+    masks = {k: [None] * len(mods) for k, _ in hooked}
+    for m in mods:
+        m.rotary_emb = model.model.rotary_emb  # as BasePress.__call__ does
+    for _, press in hooked:
+        press.post_init_from_model(model)
+
+    def hook(module, inputs, kwargs, output):
+        idx = module.layer_idx
+        full = kwargs["past_key_values"].layers[idx]
+        for k, press in hooked:
+            caches[k].update(full.keys, full.values, idx)
+            module.masked_key_indices = None
+            press.forward_hook(module, inputs, dict(kwargs, past_key_values=caches[k]), output)
+            masks[k][idx] = getattr(module, "masked_key_indices", None)
+        module.masked_key_indices = None
+        return output
+
+    full = DynamicCache()
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in mods]
+    try:
+        out = model(input_ids=ids[None], past_key_values=full, logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    first = int(out.logits[0, -1].argmax())
+    result: dict[int, tuple[list[int], int]] = {}
+
+    kvzip = [(k, b) for k, (name, b, press) in enumerate(runs) if name == "kvzip"]
+    if kvzip:
+        kp = import_kvpress()
+        scorer = kp.KVzipPress(compression_ratio=1.0 - kvzip[0][1])
+        post = scorer.compress_post
+        kz_masks = {}
+
+        def compress_each_budget(model_):
+            scores = scorer.score_val.clone()
+            for k, b in kvzip:
+                scorer.score_val.copy_(scores)
+                scorer.compression_ratio = 1.0 - b
+                post(model_)
+                kz_masks[k] = [m.masked_key_indices for m in mods]
+                _set_masks(model, None)
+
+        scorer.compress_post = compress_each_budget
+        kz_cache = _cache_copy(full)
+        with scorer(model):
+            # what KVzipPress's wrapped forward records from the prefill it would otherwise run again
+            scorer._context_ids, scorer._cache = ids[None], kz_cache
+        for k, _b in kvzip:
+            cache = _cache_copy(kz_cache)
+            _set_masks(model, kz_masks[k])
+            try:
+                kept = _cache_entries(cache)
+                result[k] = (greedy_continue(model, cache, n, first, max_new_tokens, done), kept)
+            finally:
+                _set_masks(model, None)
+    for k, (name, _b, press) in enumerate(runs):
+        if k in result:
+            continue
+        cache = _cache_copy(full) if press is None else caches.pop(k)
+        kept = _cache_entries(cache)
+        _set_masks(model, None if press is None else masks[k])
+        try:
+            result[k] = (greedy_continue(model, cache, n, first, max_new_tokens, done), kept)
+        finally:
+            _set_masks(model, None)
+    return [result[k] for k in range(len(runs))]
+
+
 @torch.no_grad()
 def press_greedy(model, ids: torch.Tensor, press, max_new_tokens: int, done) -> tuple[list[int], int]:
     """Prefill ``ids [n]`` under ``press`` (None: full cache), then greedy decoding with positions
@@ -93,15 +226,8 @@ def press_greedy(model, ids: torch.Tensor, press, max_new_tokens: int, done) -> 
     cache = DynamicCache()
     with press(model) if press is not None else contextlib.nullcontext():
         out = model(input_ids=ids[None], past_key_values=cache, logits_to_keep=1)
-    kept = sum(int(cache.get_seq_length(layer)) for layer in range(len(cache)))
-    tokens = [int(out.logits[0, -1].argmax())]
-    for i in range(max_new_tokens - 1):
-        if done(tokens):
-            break
-        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
-                    position_ids=torch.tensor([[n + i]]))
-        tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens, kept
+    kept = _cache_entries(cache)
+    return greedy_continue(model, cache, n, int(out.logits[0, -1].argmax()), max_new_tokens, done), kept
 
 
 def parse_args(argv=None):
@@ -116,6 +242,10 @@ def parse_args(argv=None):
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="only the first N samples")
+    p.add_argument("--prefill", choices=("shared", "per-press"), default="shared",
+                   help="one prefill for every press of a sample (default), or one under each press")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="an earlier document of this script: its samples' runs are copied, not run again")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy-kvpress.json"))
     a = p.parse_args(argv)
     a.tasks = [t for t in a.tasks.split(",") if t]
@@ -130,7 +260,25 @@ def parse_args(argv=None):
     a.budgets = [float(x) for x in a.budgets.split(",") if x]
     if any(not 0 < b < 1 for b in a.budgets):
         p.error("--budgets must lie in (0, 1) (a press removes a fraction 1 - b)")
+    if a.reuse is not None and not a.reuse.is_file():
+        p.error(f"--reuse {a.reuse}: no such file")
     return a
+
+
+def reusable(doc: dict, model_name: str, presses, budgets) -> dict:
+    """(task, target length, index) -> sample record of an earlier document whose runs cover the full
+    cache and every press at every budget; ValueError if the document is another model's or format."""
+    if doc.get("format") != "sglang-depthkv-accuracy" or "peers" not in doc:
+        raise ValueError("--reuse: not a document of benchmarks.accuracy.kvpress_peers")
+    if doc["model"]["name"] != model_name:
+        raise ValueError(f"--reuse: its model is {doc['model']['name']}, this run's {model_name}")
+    want = {("full", 1.0)} | {(f"kvpress:{p}", float(b)) for p in presses for b in budgets}
+    out = {}
+    for s in doc["samples"]:
+        have = {(r["policy"], float(r["budget"])) for r in s["runs"]}
+        if want <= have:
+            out[(s["task"], int(s["target_tokens"]), int(s["index"]))] = s
+    return out
 
 
 def main(argv=None) -> int:
@@ -167,17 +315,38 @@ def main(argv=None) -> int:
            "peers": {"kvpress": getattr(kvpress, "__version__", "0.5.5"), "transformers": transformers.__version__,
                      "labels": {k: LABELS[k] for k in args.presses}},
            "config": {"tasks": args.tasks, "lengths": args.lengths, "counts": args.counts, "presses": args.presses,
-                      "budgets": args.budgets, "seed": args.seed, "torch_threads": torch.get_num_threads()},
+                      "budgets": args.budgets, "seed": args.seed, "torch_threads": torch.get_num_threads(),
+                      "prefill": args.prefill},
            "samples": [], "wall_s": None, "complete": False}
+    old = {}
+    if args.reuse is not None:
+        import json
+
+        prior = json.loads(args.reuse.read_text())
+        old = reusable(prior, spec.name, args.presses, args.budgets)
+        doc["reused"] = {"file": args.reuse.name, "command": prior["command"], "samples": 0}
     t_start = time.time()
     L = int(model.config.num_hidden_layers)
     for si, s in enumerate(samples):
         ids = tok(s.prompt, add_special_tokens=False, return_tensors="pt").input_ids[0]
         n = int(ids.shape[0])
         rec = s.to_dict() | {"n_tokens": n, "runs": []}
+        prev = old.get((s.task, int(s.target_tokens), int(s.index)))
+        if prev is not None and prev["answers"] == rec["answers"] and prev["n_tokens"] == n:
+            keep = {("full", 1.0)} | {(f"kvpress:{p}", float(b)) for p in args.presses for b in args.budgets}
+            rec = dict(prev, runs=[r for r in prev["runs"] if (r["policy"], float(r["budget"])) in keep])
+            doc["samples"].append(rec)
+            doc["reused"]["samples"] += 1
+            _write(args.out, doc)
+            print(f"[{si + 1}/{len(samples)}] {s.task} {n} tok: reused from {args.reuse.name}", flush=True)
+            continue
         t0 = time.time()
-        for name, b, press in [("full", 1.0, None)] + [(p, b, make_press(p, b)) for p in args.presses for b in args.budgets]:
-            out, kept = press_greedy(model, ids, press, s.max_new_tokens, stop)
+        runs = [("full", 1.0, None)] + [(p, b, make_press(p, b)) for p in args.presses for b in args.budgets]
+        if args.prefill == "shared":
+            outs = shared_press_runs(model, ids, runs, s.max_new_tokens, stop)
+        else:
+            outs = [press_greedy(model, ids, press, s.max_new_tokens, stop) for _name, _b, press in runs]
+        for (name, b, press), (out, kept) in zip(runs, outs):
             text = tok.decode(out, skip_special_tokens=True)
             rec["runs"].append({"policy": "full" if press is None else f"kvpress:{name}", "budget": b, "output": text,
                                 "score": score(s, text), "tokens": out, "cache_fraction": round(kept / (L * n), 4)})

@@ -59,12 +59,19 @@ def write(ours: dict, peers: dict, out: Path) -> str:
         *[f"Ours, re-run of {', '.join(m['policies'])}: `{m['command']}`  " for m in ours.get("merged", [])],
         f"kvpress: `{peers['command']}` (kvpress {peers['peers']['kvpress']}, transformers "
         f"{peers['peers']['transformers']})  ",
+        *([f"kvpress, {peers['reused']['samples']} samples' runs copied from `{peers['reused']['file']}`, made by "
+           f"`{peers['reused']['command']}`  "] if peers.get("reused", {}).get("samples") else []),
         f"{len(doc['samples'])} common samples; budget = fraction of the KV kept (kvpress "
         "`compression_ratio = 1 - budget`). Mean score:",
         "",
         markdown_table(table, budgets, labels),
         "",
     ]
+    by_length = aggregate(doc, "length")
+    if len(by_length) > 1:
+        for length in sorted(by_length):
+            n = sum(1 for s in doc["samples"] if s["target_tokens"] == length)
+            parts += [f"### {length} tokens ({n} samples)", "", markdown_table(by_length[length], budgets, labels), ""]
     full_ours, full_theirs = table.get(("full", 1.0)), table.get(("full-kvpress-run", 1.0))
     if full_ours and full_theirs:
         parts += [f"Full cache: ours {full_ours[0]:.3f}, the kvpress venv's {full_theirs[0]:.3f}.", ""]

@@ -253,3 +253,30 @@ def test_peers_report_tables_the_common_samples(tmp_path):
     peers["samples"][0]["answers"] = ["11111"]
     with pytest.raises(ValueError, match="expected answers differ"):
         peers_report.write(ours, peers, tmp_path / "q.md")
+
+
+def test_peers_report_tables_by_length_and_names_reused_runs(tmp_path):
+    from benchmarks.accuracy import peers_report
+
+    ours = _doc()
+    for s, ans in zip(ours["samples"], (["60574"], ["1", "2"])):
+        s["answers"] = ans
+
+    def run(p, b, score):
+        return {"policy": p, "budget": b, "output": "x", "score": score}
+
+    peers = {"format": "sglang-depthkv-accuracy", "version": 1, "command": "python -m benchmarks.accuracy.kvpress_peers Z",
+             "peers": {"kvpress": "0.5.5", "transformers": "5.2.0", "labels": {"snapkv": "kvpress SnapKVPress"}},
+             "reused": {"file": "old.json", "command": "python -m benchmarks.accuracy.kvpress_peers OLD", "samples": 1},
+             "samples": [
+                 {"task": "passkey", "target_tokens": 2048, "index": 0, "answers": ["60574"],
+                  "runs": [run("full", 1.0, 1.0), run("kvpress:snapkv", 0.1, 0.5)]},
+                 {"task": "multivalue", "target_tokens": 4096, "index": 0, "answers": ["1", "2"],
+                  "runs": [run("full", 1.0, 0.5), run("kvpress:snapkv", 0.1, 0.25)]}]}
+    lines = peers_report.write(ours, peers, tmp_path / "p.md").splitlines()
+    assert "kvpress, 1 samples' runs copied from `old.json`, made by `python -m benchmarks.accuracy.kvpress_peers OLD`  " in lines
+    assert "2 common samples; budget = fraction of the KV kept (kvpress `compression_ratio = 1 - budget`). Mean score:" in lines
+    short, long_ = lines.index("### 2048 tokens (1 samples)"), lines.index("### 4096 tokens (1 samples)")
+    assert "| kvpress SnapKVPress | 0.500 |" in lines[short:long_]
+    assert "| kvpress SnapKVPress | 0.250 |" in lines[long_:]
+    assert "| kvpress SnapKVPress | 0.375 |" in lines[:short]  # both lengths together
