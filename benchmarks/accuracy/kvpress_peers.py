@@ -29,8 +29,10 @@ one prefill under each press, to check the shared one against: both give the sam
 
 The document has the sweep's format (``samples[].runs[]`` with ``policy`` = the press label), so
 ``benchmarks.accuracy.report`` can put both side by side. It is rewritten after every sample.
-``--reuse FILE`` copies the runs of samples an earlier document already holds (same task, length,
-index, answers and prompt length, every requested press and budget) instead of running them again.
+Each sample records ``made_by`` (prefill mode, kvpress and transformers versions). ``--reuse FILE``
+(repeatable; the first file holding a sample wins) copies the runs of samples an earlier document of
+the same model and versions already holds (same task, length, index, answers and prompt length,
+every requested press and budget), with their ``made_by``, instead of running them again.
 """
 
 from __future__ import annotations
@@ -244,8 +246,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="only the first N samples")
     p.add_argument("--prefill", choices=("shared", "per-press"), default="shared",
                    help="one prefill for every press of a sample (default), or one under each press")
-    p.add_argument("--reuse", type=Path, default=None,
-                   help="an earlier document of this script: its samples' runs are copied, not run again")
+    p.add_argument("--reuse", type=Path, action="append", default=[],
+                   help="an earlier document of this script (repeatable): its samples' runs are copied, not run again")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy-kvpress.json"))
     a = p.parse_args(argv)
     a.tasks = [t for t in a.tasks.split(",") if t]
@@ -260,24 +262,30 @@ def parse_args(argv=None):
     a.budgets = [float(x) for x in a.budgets.split(",") if x]
     if any(not 0 < b < 1 for b in a.budgets):
         p.error("--budgets must lie in (0, 1) (a press removes a fraction 1 - b)")
-    if a.reuse is not None and not a.reuse.is_file():
-        p.error(f"--reuse {a.reuse}: no such file")
+    for f in a.reuse:
+        if not f.is_file():
+            p.error(f"--reuse {f}: no such file")
     return a
 
 
-def reusable(doc: dict, model_name: str, presses, budgets) -> dict:
-    """(task, target length, index) -> sample record of an earlier document whose runs cover the full
-    cache and every press at every budget; ValueError if the document is another model's or format."""
+def reusable(doc: dict, model_name: str, versions: dict, presses, budgets) -> dict:
+    """(task, target length, index) -> sample record (with ``made_by``) of an earlier document whose
+    runs cover the full cache and every press at every budget; ValueError if the document is not
+    this script's, or of another model or kvpress / transformers version."""
     if doc.get("format") != "sglang-depthkv-accuracy" or "peers" not in doc:
         raise ValueError("--reuse: not a document of benchmarks.accuracy.kvpress_peers")
     if doc["model"]["name"] != model_name:
         raise ValueError(f"--reuse: its model is {doc['model']['name']}, this run's {model_name}")
+    theirs = {k: doc["peers"][k] for k in versions}
+    if theirs != versions:
+        raise ValueError(f"--reuse: made with {theirs}, this run has {versions}")
+    made_by = dict(versions, prefill=doc["config"].get("prefill", "per-press"))
     want = {("full", 1.0)} | {(f"kvpress:{p}", float(b)) for p in presses for b in budgets}
     out = {}
     for s in doc["samples"]:
         have = {(r["policy"], float(r["budget"])) for r in s["runs"]}
         if want <= have:
-            out[(s["task"], int(s["target_tokens"]), int(s["index"]))] = s
+            out[(s["task"], int(s["target_tokens"]), int(s["index"]))] = dict(s, made_by=s.get("made_by", made_by))
     return out
 
 
@@ -318,28 +326,32 @@ def main(argv=None) -> int:
                       "budgets": args.budgets, "seed": args.seed, "torch_threads": torch.get_num_threads(),
                       "prefill": args.prefill},
            "samples": [], "wall_s": None, "complete": False}
-    old = {}
-    if args.reuse is not None:
+    versions = {k: doc["peers"][k] for k in ("kvpress", "transformers")}
+    old = {}  # sample key -> (file name, record)
+    if args.reuse:
         import json
 
-        prior = json.loads(args.reuse.read_text())
-        old = reusable(prior, spec.name, args.presses, args.budgets)
-        doc["reused"] = {"file": args.reuse.name, "command": prior["command"], "samples": 0}
+        doc["reused"] = {}
+        for f in args.reuse:
+            for key, rec in reusable(json.loads(f.read_text()), spec.name, versions, args.presses, args.budgets).items():
+                old.setdefault(key, (f.name, rec))
+            doc["reused"].setdefault(f.name, 0)
     t_start = time.time()
     L = int(model.config.num_hidden_layers)
     for si, s in enumerate(samples):
         ids = tok(s.prompt, add_special_tokens=False, return_tensors="pt").input_ids[0]
         n = int(ids.shape[0])
         rec = s.to_dict() | {"n_tokens": n, "runs": []}
-        prev = old.get((s.task, int(s.target_tokens), int(s.index)))
+        src, prev = old.get((s.task, int(s.target_tokens), int(s.index)), (None, None))
         if prev is not None and prev["answers"] == rec["answers"] and prev["n_tokens"] == n:
             keep = {("full", 1.0)} | {(f"kvpress:{p}", float(b)) for p in args.presses for b in args.budgets}
             rec = dict(prev, runs=[r for r in prev["runs"] if (r["policy"], float(r["budget"])) in keep])
             doc["samples"].append(rec)
-            doc["reused"]["samples"] += 1
+            doc["reused"][src] += 1
             _write(args.out, doc)
-            print(f"[{si + 1}/{len(samples)}] {s.task} {n} tok: reused from {args.reuse.name}", flush=True)
+            print(f"[{si + 1}/{len(samples)}] {s.task} {n} tok: reused from {src}", flush=True)
             continue
+        rec["made_by"] = dict(versions, prefill=args.prefill)
         t0 = time.time()
         runs = [("full", 1.0, None)] + [(p, b, make_press(p, b)) for p in args.presses for b in args.budgets]
         if args.prefill == "shared":

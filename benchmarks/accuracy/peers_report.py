@@ -44,6 +44,19 @@ def merged(ours: dict, peers: dict) -> dict:
     return {"samples": samples}
 
 
+def made_by_line(peers: dict) -> str:
+    """How many samples ran with one prefill per press (kvpress's pipeline) and how many with the
+    peers script's shared prefill (``made_by``; a sample without it ran per press, as the script did
+    before it had the shared prefill)."""
+    counts: dict = {}
+    for s in peers["samples"]:
+        mode = s.get("made_by", {}).get("prefill", "per-press")
+        counts[mode] = counts.get(mode, 0) + 1
+    names = {"per-press": "one prefill under each press (kvpress's pipeline)",
+             "shared": "one prefill shared by every press (same tokens)"}
+    return ", ".join(f"{n} samples {names.get(m, m)}" for m, n in sorted(counts.items(), key=lambda x: x[0] != "per-press"))
+
+
 def write(ours: dict, peers: dict, out: Path) -> str:
     doc = merged(ours, peers)
     budgets = sorted({float(r["budget"]) for s in peers["samples"] for r in s["runs"] if r["policy"] != "full"}
@@ -59,8 +72,9 @@ def write(ours: dict, peers: dict, out: Path) -> str:
         *[f"Ours, re-run of {', '.join(m['policies'])}: `{m['command']}`  " for m in ours.get("merged", [])],
         f"kvpress: `{peers['command']}` (kvpress {peers['peers']['kvpress']}, transformers "
         f"{peers['peers']['transformers']})  ",
-        *([f"kvpress, {peers['reused']['samples']} samples' runs copied from `{peers['reused']['file']}`, made by "
-           f"`{peers['reused']['command']}`  "] if peers.get("reused", {}).get("samples") else []),
+        *(["kvpress, samples' runs copied from earlier runs (`--reuse`): "
+           + ", ".join(f"{n} from `{f}`" for f, n in peers["reused"].items()) + "  "] if peers.get("reused") else []),
+        *([f"kvpress prefill: {made_by_line(peers)}  "] if any("made_by" in s for s in peers["samples"]) else []),
         f"{len(doc['samples'])} common samples; budget = fraction of the KV kept (kvpress "
         "`compression_ratio = 1 - budget`). Mean score:",
         "",

@@ -267,16 +267,45 @@ def test_peers_report_tables_by_length_and_names_reused_runs(tmp_path):
 
     peers = {"format": "sglang-depthkv-accuracy", "version": 1, "command": "python -m benchmarks.accuracy.kvpress_peers Z",
              "peers": {"kvpress": "0.5.5", "transformers": "5.2.0", "labels": {"snapkv": "kvpress SnapKVPress"}},
-             "reused": {"file": "old.json", "command": "python -m benchmarks.accuracy.kvpress_peers OLD", "samples": 1},
+             "reused": {"old.json": 1},
              "samples": [
                  {"task": "passkey", "target_tokens": 2048, "index": 0, "answers": ["60574"],
                   "runs": [run("full", 1.0, 1.0), run("kvpress:snapkv", 0.1, 0.5)]},
                  {"task": "multivalue", "target_tokens": 4096, "index": 0, "answers": ["1", "2"],
+                  "made_by": {"kvpress": "0.5.5", "transformers": "5.2.0", "prefill": "shared"},
                   "runs": [run("full", 1.0, 0.5), run("kvpress:snapkv", 0.1, 0.25)]}]}
     lines = peers_report.write(ours, peers, tmp_path / "p.md").splitlines()
-    assert "kvpress, 1 samples' runs copied from `old.json`, made by `python -m benchmarks.accuracy.kvpress_peers OLD`  " in lines
+    assert "kvpress, samples' runs copied from earlier runs (`--reuse`): 1 from `old.json`  " in lines
+    assert ("kvpress prefill: 1 samples one prefill under each press (kvpress's pipeline), "
+            "1 samples one prefill shared by every press (same tokens)  ") in lines
     assert "2 common samples; budget = fraction of the KV kept (kvpress `compression_ratio = 1 - budget`). Mean score:" in lines
     short, long_ = lines.index("### 2048 tokens (1 samples)"), lines.index("### 4096 tokens (1 samples)")
     assert "| kvpress SnapKVPress | 0.500 |" in lines[short:long_]
     assert "| kvpress SnapKVPress | 0.250 |" in lines[long_:]
     assert "| kvpress SnapKVPress | 0.375 |" in lines[:short]  # both lengths together
+
+
+def test_kvpress_peers_reuse_checks_model_versions_and_coverage():
+    from benchmarks.accuracy.kvpress_peers import reusable
+
+    versions = {"kvpress": "0.5.5", "transformers": "5.2.0"}
+
+    def sample(index, runs, **extra):
+        return dict({"task": "passkey", "target_tokens": 2048, "index": index, "answers": ["1"], "n_tokens": 9,
+                     "runs": [{"policy": p, "budget": b} for p, b in runs]}, **extra)
+
+    full, snap1, snap2 = ("full", 1.0), ("kvpress:snapkv", 0.1), ("kvpress:snapkv", 0.2)
+    doc = {"format": "sglang-depthkv-accuracy", "model": {"name": "M"}, "peers": dict(versions), "config": {},
+           "samples": [sample(0, [full, snap1, snap2]), sample(1, [full, snap1]),
+                       sample(2, [full, snap1, snap2], made_by={"prefill": "shared"})]}
+    got = reusable(doc, "M", versions, ["snapkv"], [0.1, 0.2])
+    assert sorted(got) == [("passkey", 2048, 0), ("passkey", 2048, 2)]  # index 1 lacks the 20% run
+    assert got[("passkey", 2048, 0)]["made_by"] == dict(versions, prefill="per-press")  # no prefill recorded
+    assert got[("passkey", 2048, 2)]["made_by"] == {"prefill": "shared"}
+    assert sorted(reusable(doc, "M", versions, ["snapkv"], [0.1])) == [("passkey", 2048, i) for i in range(3)]
+    with pytest.raises(ValueError, match="its model is M"):
+        reusable(doc, "N", versions, ["snapkv"], [0.1])
+    with pytest.raises(ValueError, match="made with"):
+        reusable(doc, "M", dict(versions, transformers="5.3.0"), ["snapkv"], [0.1])
+    with pytest.raises(ValueError, match="not a document"):
+        reusable({"format": "sglang-depthkv-accuracy", "samples": []}, "M", versions, ["snapkv"], [0.1])
