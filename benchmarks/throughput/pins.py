@@ -32,10 +32,12 @@ def plugin_settings(policy: str, budget: float, profile: Optional[str]):
     return parse_settings(raw)
 
 
-def plugin_fractions(policy: str, budget: float, profile: Optional[str], cfg: dict) -> list:
+def plugin_fractions(policy: str, budget: float, profile: Optional[str], cfg: dict, settings=None) -> list:
+    """The plugin's per-layer keep fractions; ``settings``: the ``plugin_settings`` already built for
+    these arguments (a DepthKV profile is then not loaded again)."""
     from sglang_depthkv.sglang.capacity import policy_layer_fractions
 
-    settings = plugin_settings(policy, budget, profile)
+    settings = plugin_settings(policy, budget, profile) if settings is None else settings
     return policy_layer_fractions(settings, int(cfg["num_hidden_layers"]), hf_config_view(cfg))
 
 
@@ -49,14 +51,15 @@ def headroom(chunked_prefill_size: Optional[int], context_len: int, window: int 
 
 def plugin_shapes(cfg: dict, context_len: int, chunked_prefill_size: Optional[int], dtype: Optional[str],
                   graph_max_bs: int, decode_interval: int, policy: str, budget: float,
-                  profile: Optional[str] = None):
+                  profile: Optional[str] = None, settings=None):
     """``plugin_memory.PluginShapes`` of a server of the run (default window; no gate files). LaProx's
     scoring transients count as the plugin counts them (``config.scores_with_laprox``): for
-    ``laprox`` and for ``depthkv`` with a profile calibrated with LaProx."""
+    ``laprox`` and for ``depthkv`` with a profile calibrated with LaProx. ``settings`` as in
+    ``plugin_fractions``."""
     from sglang_depthkv.sglang.config import DEFAULT_WINDOW, scores_with_laprox
     from sglang_depthkv.sglang.plugin_memory import PluginShapes
 
-    settings = plugin_settings(policy, budget, profile)
+    settings = plugin_settings(policy, budget, profile) if settings is None else settings
     b = dtype_bytes(cfg, dtype)
     ctx = int(context_len)
     return PluginShapes(
@@ -80,7 +83,8 @@ def equal_bytes_plan(vanilla_tokens: int, policy: str, budget: float, profile: O
         raise ValueError(f"--vanilla-kv-tokens must be a positive integer, got {vanilla_tokens!r}")
     cell = kv_cell_bytes(cfg, dtype)
     L = int(cfg["num_hidden_layers"])
+    settings = plugin_settings(policy, budget, profile)  # loads a DepthKV profile once for both uses
     shapes = plugin_shapes(cfg, context_len, chunked_prefill_size, dtype, graph_max_bs, decode_interval, policy, budget,
-                           profile)
-    return plan_for_bytes(vanilla_tokens * cell, plugin_fractions(policy, budget, profile, cfg),
+                           profile, settings=settings)
+    return plan_for_bytes(vanilla_tokens * cell, plugin_fractions(policy, budget, profile, cfg, settings=settings),
                           headroom(chunked_prefill_size, context_len), cell // L, plugin=items_function(shapes))
