@@ -177,8 +177,7 @@ def shared_press_runs(model, ids: torch.Tensor, runs: list, max_new_tokens: int,
 
     kvzip = [(k, b) for k, (name, b, press) in enumerate(runs) if name == "kvzip"]
     if kvzip:
-        kp = import_kvpress()
-        scorer = kp.KVzipPress(compression_ratio=1.0 - kvzip[0][1])
+        scorer = runs[kvzip[0][0]][2]  # the first KVzipPress scores for all budgets
         post = scorer.compress_post
         kz_masks = {}
 
