@@ -225,23 +225,27 @@ def test_report_names_outputs_after_the_result_and_titles_the_model(tmp_path):
         "# Accuracy sweep: Qwen2.5-Coder-0.5B-Instruct (real weights")
 
 
-def test_peers_report_tables_the_common_samples(tmp_path):
-    from benchmarks.accuracy import peers_report
-
+def _ours_and_peers(peer_samples, **extra):
+    """Our sweep document with answers set, and a kvpress peers document of ``peer_samples``:
+    ``(task, length, answers, [(policy, budget, score)], extra fields)``."""
     ours = _doc()
     for s, ans in zip(ours["samples"], (["60574"], ["1", "2"])):
         s["answers"] = ans
+    samples = [dict({"task": t, "target_tokens": n, "index": 0, "answers": a,
+                     "runs": [{"policy": p, "budget": b, "output": "x", "score": sc} for p, b, sc in runs]}, **more)
+               for t, n, a, runs, more in peer_samples]
+    peers = dict({"format": "sglang-depthkv-accuracy", "version": 1, "command": "python -m benchmarks.accuracy.kvpress_peers Y",
+                  "peers": {"kvpress": "0.5.5", "transformers": "5.2.0", "labels": {"snapkv": "kvpress SnapKVPress"}},
+                  "samples": samples}, **extra)
+    return ours, peers
 
-    def run(p, b, score):
-        return {"policy": p, "budget": b, "output": "x", "score": score}
 
-    peers = {"format": "sglang-depthkv-accuracy", "version": 1, "command": "python -m benchmarks.accuracy.kvpress_peers Y",
-             "peers": {"kvpress": "0.5.5", "transformers": "5.2.0", "labels": {"snapkv": "kvpress SnapKVPress"}},
-             "samples": [
-                 {"task": "passkey", "target_tokens": 2048, "index": 0, "answers": ["60574"],
-                  "runs": [run("full", 1.0, 1.0), run("kvpress:snapkv", 0.1, 0.5), run("kvpress:snapkv", 0.2, 1.0)]},
-                 {"task": "vartrack", "target_tokens": 2048, "index": 0, "answers": ["A"],  # not in ours: left out
-                  "runs": [run("full", 1.0, 0.0), run("kvpress:snapkv", 0.1, 0.0)]}]}
+def test_peers_report_tables_the_common_samples(tmp_path):
+    from benchmarks.accuracy import peers_report
+
+    ours, peers = _ours_and_peers([
+        ("passkey", 2048, ["60574"], [("full", 1.0, 1.0), ("kvpress:snapkv", 0.1, 0.5), ("kvpress:snapkv", 0.2, 1.0)], {}),
+        ("vartrack", 2048, ["A"], [("full", 1.0, 0.0), ("kvpress:snapkv", 0.1, 0.0)], {})])  # not in ours: left out
     md = peers_report.write(ours, peers, tmp_path / "p.md")
     lines = md.splitlines()
     i = lines.index("| policy | 10% |")  # budgets in both runs: 0.1 only; the vartrack sample is only theirs
@@ -258,22 +262,11 @@ def test_peers_report_tables_the_common_samples(tmp_path):
 def test_peers_report_tables_by_length_and_names_reused_runs(tmp_path):
     from benchmarks.accuracy import peers_report
 
-    ours = _doc()
-    for s, ans in zip(ours["samples"], (["60574"], ["1", "2"])):
-        s["answers"] = ans
-
-    def run(p, b, score):
-        return {"policy": p, "budget": b, "output": "x", "score": score}
-
-    peers = {"format": "sglang-depthkv-accuracy", "version": 1, "command": "python -m benchmarks.accuracy.kvpress_peers Z",
-             "peers": {"kvpress": "0.5.5", "transformers": "5.2.0", "labels": {"snapkv": "kvpress SnapKVPress"}},
-             "reused": {"old.json": 1},
-             "samples": [
-                 {"task": "passkey", "target_tokens": 2048, "index": 0, "answers": ["60574"],
-                  "runs": [run("full", 1.0, 1.0), run("kvpress:snapkv", 0.1, 0.5)]},
-                 {"task": "multivalue", "target_tokens": 4096, "index": 0, "answers": ["1", "2"],
-                  "made_by": {"kvpress": "0.5.5", "transformers": "5.2.0", "prefill": "shared"},
-                  "runs": [run("full", 1.0, 0.5), run("kvpress:snapkv", 0.1, 0.25)]}]}
+    shared = {"made_by": {"kvpress": "0.5.5", "transformers": "5.2.0", "prefill": "shared"}}
+    ours, peers = _ours_and_peers([
+        ("passkey", 2048, ["60574"], [("full", 1.0, 1.0), ("kvpress:snapkv", 0.1, 0.5)], {}),
+        ("multivalue", 4096, ["1", "2"], [("full", 1.0, 0.5), ("kvpress:snapkv", 0.1, 0.25)], shared)],
+        reused={"old.json": 1})
     lines = peers_report.write(ours, peers, tmp_path / "p.md").splitlines()
     assert "kvpress, samples' runs copied from earlier runs (`--reuse`): 1 from `old.json`  " in lines
     assert ("kvpress prefill: 1 samples one prefill under each press (kvpress's pipeline), "
