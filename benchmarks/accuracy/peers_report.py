@@ -1,7 +1,7 @@
 """Our policies beside kvpress's presses on the samples both runs scored.
 
     python -m benchmarks.accuracy.peers_report benchmarks/results/accuracy.json \
-        benchmarks/results/accuracy-kvpress-2k.json --out benchmarks/results/accuracy-kvpress-2k.md
+        benchmarks/results/accuracy-kvpress.json --out benchmarks/results/accuracy-kvpress.md
 
 Writes the markdown table and, next to it, ``<stem>.png`` (mean score vs kept fraction, our
 policies solid, kvpress's presses dotted, both full caches dashed).
