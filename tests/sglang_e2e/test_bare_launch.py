@@ -83,8 +83,11 @@ def test_bare_depthkv_launch_of_smollm2_calibrates_at_start_up_once(tmp_path):
     prompt = chat_prompt(tok, "What is the capital of France? Answer in one word.")
     answers, infos = [], []
     for start in ("first", "second"):
+        # the first start calibrates SmolLM2's 30 layers on this CPU before it serves: 5 to 10 minutes,
+        # depending on how busy the machine's cores are
         with SGLangServer(str(model), ["--kv-policy", "depthkv", "--max-total-tokens", "8192"],
-                          log_path=tmp_path / f"{start}.log", env=env) as srv:
+                          log_path=tmp_path / f"{start}.log", env=env,
+                          start_timeout=1800 if start == "first" else 600) as srv:
             out = srv.generate({"text": prompt, "sampling_params": {"max_new_tokens": 8, "temperature": 0.0}})
             answers.append(out["text"])
             infos.append(srv.server_info()["internal_states"][0]["depthkv"])
