@@ -173,13 +173,11 @@ def shared_press_runs(model, ids: torch.Tensor, runs: list, max_new_tokens: int,
         for h in handles:
             h.remove()
     first = int(out.logits[0, -1].argmax())
-    result: dict[int, tuple[list[int], int]] = {}
 
     kvzip = [(k, b) for k, (name, b, press) in enumerate(runs) if name == "kvzip"]
     if kvzip:
         scorer = runs[kvzip[0][0]][2]  # the first KVzipPress scores for all budgets
         post = scorer.compress_post
-        kz_masks = {}
 
         def compress_each_budget(model_):
             scores = scorer.score_val.clone()
@@ -187,7 +185,7 @@ def shared_press_runs(model, ids: torch.Tensor, runs: list, max_new_tokens: int,
                 scorer.score_val.copy_(scores)
                 scorer.compression_ratio = 1.0 - b
                 post(model_)
-                kz_masks[k] = [m.masked_key_indices for m in mods]
+                masks[k] = [m.masked_key_indices for m in mods]
                 _set_masks(model, None)
 
         scorer.compress_post = compress_each_budget
@@ -196,24 +194,17 @@ def shared_press_runs(model, ids: torch.Tensor, runs: list, max_new_tokens: int,
             # what KVzipPress's wrapped forward records from the prefill it would otherwise run again
             scorer._context_ids, scorer._cache = ids[None], kz_cache
         for k, _b in kvzip:
-            cache = _cache_copy(kz_cache)
-            _set_masks(model, kz_masks[k])
-            try:
-                kept = _cache_entries(cache)
-                result[k] = (greedy_continue(model, cache, n, first, max_new_tokens, done), kept)
-            finally:
-                _set_masks(model, None)
-    for k, (name, _b, press) in enumerate(runs):
-        if k in result:
-            continue
+            caches[k] = _cache_copy(kz_cache)
+    result = []
+    for k, (_name, _b, press) in enumerate(runs):
         cache = _cache_copy(full) if press is None else caches.pop(k)
         kept = _cache_entries(cache)
         _set_masks(model, None if press is None else masks[k])
         try:
-            result[k] = (greedy_continue(model, cache, n, first, max_new_tokens, done), kept)
+            result.append((greedy_continue(model, cache, n, first, max_new_tokens, done), kept))
         finally:
             _set_masks(model, None)
-    return [result[k] for k in range(len(runs))]
+    return result
 
 
 @torch.no_grad()
@@ -267,6 +258,12 @@ def parse_args(argv=None):
     return a
 
 
+def wanted_runs(presses, budgets) -> set:
+    """The (policy, budget) runs a sample of this script holds: the full cache and every press at
+    every budget."""
+    return {("full", 1.0)} | {(f"kvpress:{p}", float(b)) for p in presses for b in budgets}
+
+
 def reusable(doc: dict, model_name: str, versions: dict, presses, budgets) -> dict:
     """(task, target length, index) -> sample record (with ``made_by``) of an earlier document whose
     runs cover the full cache and every press at every budget; ValueError if the document is not
@@ -279,7 +276,7 @@ def reusable(doc: dict, model_name: str, versions: dict, presses, budgets) -> di
     if theirs != versions:
         raise ValueError(f"--reuse: made with {theirs}, this run has {versions}")
     made_by = dict(versions, prefill=doc["config"].get("prefill", "per-press"))
-    want = {("full", 1.0)} | {(f"kvpress:{p}", float(b)) for p in presses for b in budgets}
+    want = wanted_runs(presses, budgets)
     out = {}
     for s in doc["samples"]:
         have = {(r["policy"], float(r["budget"])) for r in s["runs"]}
@@ -343,7 +340,7 @@ def main(argv=None) -> int:
         rec = s.to_dict() | {"n_tokens": n, "runs": []}
         src, prev = old.get((s.task, int(s.target_tokens), int(s.index)), (None, None))
         if prev is not None and prev["answers"] == rec["answers"] and prev["n_tokens"] == n:
-            keep = {("full", 1.0)} | {(f"kvpress:{p}", float(b)) for p in args.presses for b in args.budgets}
+            keep = wanted_runs(args.presses, args.budgets)
             rec = dict(prev, runs=[r for r in prev["runs"] if (r["policy"], float(r["budget"])) in keep])
             doc["samples"].append(rec)
             doc["reused"][src] += 1

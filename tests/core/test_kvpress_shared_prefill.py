@@ -34,8 +34,8 @@ def result(tmp_path_factory):
 
 def test_shared_prefill_gives_kvpress_pipeline_tokens(result):
     runs = [tuple(r) for r in result["runs"]]
-    shared = {r: tuple(map(tuple, [s[0]])) + (s[1],) for r, s in zip(runs, result["shared"])}
-    per_press = {r: tuple(map(tuple, [s[0]])) + (s[1],) for r, s in zip(runs, result["per_press"])}
+    shared = {r: (tuple(tokens), kept) for r, (tokens, kept) in zip(runs, result["shared"])}
+    per_press = {r: (tuple(tokens), kept) for r, (tokens, kept) in zip(runs, result["per_press"])}
     assert len(runs) == 13
     for r in runs:
         assert shared[r] == per_press[r], f"{r}: shared prefill {shared[r]} vs kvpress pipeline {per_press[r]}"
