@@ -72,8 +72,10 @@ def http_json(url: str, payload: Optional[dict] = None, timeout: float = 600.0) 
 class SGLangServer:
     def __init__(self, model_path: str, args: Sequence[str] = (), *, port: Optional[int] = None,
                  log_path: Optional[Path] = None, env: Optional[Dict[str, str]] = None,
-                 on_cpu: Optional[bool] = None, start_timeout: float = 600.0, python: str = sys.executable):
+                 on_cpu: Optional[bool] = None, start_timeout: float = 600.0, python: str = sys.executable,
+                 cwd: Optional[Path] = None):
         self.model_path = str(model_path)
+        self.cwd = None if cwd is None else str(cwd)  # relative paths in ``args`` resolve against it
         self.args = [str(a) for a in args]
         self.port = int(port) if port is not None else free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -120,7 +122,7 @@ class SGLangServer:
             self._log.flush()
             out = self._log
         self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=self.cwd)
         if not wait:
             return self
         try:

@@ -49,6 +49,17 @@ DEFAULT_GATES = ROOT / "benchmarks" / "results" / "smollm2_gates.safetensors"
 VANILLA = "vanilla"
 
 
+def shown(path: Path) -> str:
+    """``path`` as the flags and the results give it: relative to the repository root when it lies
+    inside it (the reference sweep and the servers run from the root), else absolute. The results
+    then name the repository's own files the same way on every checkout."""
+    p = Path(path).resolve()
+    try:
+        return p.relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(p)
+
+
 def _ints(flag: str, s: str) -> List[int]:
     try:
         return [int(x) for x in s.split(",") if x.strip()]
@@ -139,9 +150,9 @@ def server_flags(policy: str, budget: float, args, max_prompt: int, max_new: int
     flags += ["--kv-policy", policy, "--kv-budget", str(budget), "--kv-sinks", str(args.sinks),
               "--kv-window", str(args.window)]
     if policy == "depthkv":
-        flags += ["--kv-profile", str(args.profile)]
+        flags += ["--kv-profile", shown(args.profile)]
     if policy == "kvzip":
-        flags += ["--kv-gates", str(args.gates)]
+        flags += ["--kv-gates", shown(args.gates)]
     return flags
 
 
@@ -158,9 +169,9 @@ def run_reference(args, work: Path) -> tuple:
            "--seed", str(args.seed), "--sinks", str(args.sinks), "--window", str(args.window),
            "--out", str(out), "--dump-keep", str(dump)]
     if "depthkv" in args.policies:
-        cmd += ["--profile", str(args.profile)]
+        cmd += ["--profile", shown(args.profile)]
     if "kvzip" in args.policies:
-        cmd += ["--gates", str(args.gates)]
+        cmd += ["--gates", shown(args.gates)]
     print("reference: " + " ".join(cmd[1:]), flush=True)
     proc = subprocess.run(cmd, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     (work / "reference.log").write_text(proc.stdout)
@@ -248,7 +259,7 @@ def serve_one(model_dir: Path, policy: str, budget: float, args, samples, prompt
     out, t0 = [], time.time()
     env = {} if policy == VANILLA else {DUMP_ENV: str(dump)}
     with SGLangServer(model_dir, flags, log_path=log_dir / f"server-{tag}.log", env=env,
-                      start_timeout=args.start_timeout) as srv:
+                      start_timeout=args.start_timeout, cwd=ROOT) as srv:
         start_s = time.time() - t0
         for si, (s, ids) in enumerate(zip(samples, prompts)):
             rid = f"{tag}-{s.task}-{s.target_tokens}-{s.index}"
@@ -305,8 +316,7 @@ def code_version() -> dict:
         r = subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True)
         return r.stdout.strip() if r.returncode == 0 else None
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "root": str(ROOT)}
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def _write(path: Path, doc: dict) -> None:
@@ -352,8 +362,8 @@ def main(argv=None) -> int:
             "config": {"tasks": args.tasks, "lengths": args.lengths, "counts": args.counts, "policies": args.policies,
                        "budgets": args.budgets, "vanilla": not args.no_vanilla, "radix_cache": args.radix_cache,
                        "seed": args.seed, "sinks": args.sinks, "window": args.window,
-                       "profile": str(args.profile) if "depthkv" in args.policies else None,
-                       "gates": str(args.gates) if "kvzip" in args.policies else None},
+                       "profile": shown(args.profile) if "depthkv" in args.policies else None,
+                       "gates": shown(args.gates) if "kvzip" in args.policies else None},
             "reference": {"command": ref_doc["command"], "wall_s": ref_doc["wall_s"]},
             "samples": [s.to_dict() | {"n_tokens": len(ids)} for s, ids in zip(samples, prompts)],
             "servers": [], "requests": [], "records": [], "wall_s": None, "complete": False,

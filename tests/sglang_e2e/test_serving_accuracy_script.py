@@ -55,12 +55,20 @@ def test_server_flags_make_the_server_the_reference_algorithm():
     assert int(val("--max-total-tokens")) >= 4099 + 30
     assert "--disable-radix-cache" in f and val("--dtype") == "float32"
     assert (val("--kv-policy"), val("--kv-budget"), val("--kv-sinks"), val("--kv-window")) == ("depthkv", "0.3", "4", "32")
-    assert Path(val("--kv-profile")).is_file() and "--kv-gates" not in f
+    # the repository's profile, named relative to the root the servers run from (no checkout path)
+    assert not Path(val("--kv-profile")).is_absolute() and (SA.ROOT / val("--kv-profile")).is_file()
+    assert "--kv-gates" not in f
     assert "--kv-gates" in SA.server_flags("kvzip", 0.3, a, 4099, 30)
     v = SA.server_flags("vanilla", 1.0, a, 4099, 30)
     assert not any(x.startswith("--kv-") for x in v)
     radix = SA.parse_args(["--radix-cache"])
     assert "--disable-radix-cache" not in SA.server_flags("snapkv", 0.3, radix, 4099, 30)
+
+
+def test_paths_inside_the_repository_are_shown_relative_to_it(tmp_path):
+    assert SA.shown(SA.ROOT / "benchmarks" / "results" / "smollm2_gates.safetensors") == \
+        "benchmarks/results/smollm2_gates.safetensors"
+    assert SA.shown(tmp_path / "p.json") == str((tmp_path / "p.json").resolve())
 
 
 def test_cut_and_token_agreement():
