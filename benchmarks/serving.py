@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.machine import cpu_model_name  # noqa: E402
+from benchmarks.shown_paths import shown_command  # noqa: E402
 from benchmarks.throughput import bound, report  # noqa: E402
 from benchmarks.throughput.presets import PRESETS, Preset  # noqa: E402
 from benchmarks.throughput.workloads import override_workload, parse_config  # noqa: E402
@@ -159,8 +160,9 @@ def git_commit() -> str:
 
 
 def command_line() -> str:
+    """The command that ran this script, as ``shown_command`` records it (no checkout path)."""
     argv = getattr(sys, "orig_argv", None) or [sys.executable] + sys.argv
-    return " ".join(shlex.quote(x) for x in argv)
+    return " ".join(shlex.quote(x) for x in shown_command(argv))
 
 
 def make_meta(setup, slug: str, command: str) -> dict:

@@ -41,23 +41,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.shown_paths import ROOT, shown
+
 POLICIES = ("snapkv", "pyramid", "depthkv", "laprox", "kvzip", "streamingllm")
 BUDGETS = (0.5, 0.3, 0.1)
 DEFAULT_PROFILE = ROOT / "benchmarks" / "results" / "smollm2_profile.json"
 DEFAULT_GATES = ROOT / "benchmarks" / "results" / "smollm2_gates.safetensors"
 VANILLA = "vanilla"
-
-
-def shown(path: Path) -> str:
-    """``path`` as the flags and the results give it: relative to the repository root when it lies
-    inside it (the reference sweep and the servers run from the root), else absolute. The results
-    then name the repository's own files the same way on every checkout."""
-    p = Path(path).resolve()
-    try:
-        return p.relative_to(ROOT).as_posix()
-    except ValueError:
-        return str(p)
 
 
 def _ints(flag: str, s: str) -> List[int]:

@@ -51,6 +51,7 @@ sys.path.insert(0, str(HERE))
 
 from machine import cpu_model_name  # noqa: E402
 from server import SGLangServer, _cuda_available, http_json  # noqa: E402
+from shown_paths import shown_command  # noqa: E402
 from soak_checks import invariant_verdict, kept_fraction_in_tree, parse_server_log  # noqa: E402
 from soak_client import send_all  # noqa: E402
 from soak_workload import MODES, build_workload, overlong_requests  # noqa: E402
@@ -283,7 +284,7 @@ def run_soak(args, command: str) -> dict:
     srv = SGLangServer(model, flags, log_path=workdir / "server.log", env={**server_env(args), INVARIANT_ENV: str(inv_path)},
                        on_cpu=on_cpu, start_timeout=args.start_timeout)
     result = {"command": command, "device": device_description(srv.on_cpu), "git": git_state(),
-              "workdir": str(workdir), "server_command": " ".join(srv.command()), "config": {}, "load": {},
+              "workdir": str(workdir), "server_command": " ".join(shown_command(srv.command())), "config": {}, "load": {},
               "server_log": {}, "invariants": {}, "checks": {}, "failure": None}
     result["config"] = {
         "model": model if args.model else f"tiny random {args.tiny_model} (tests/tiny_models.py, seed {args.seed})",

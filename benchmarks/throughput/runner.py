@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from benchmarks.shown_paths import shown_command
 from benchmarks.throughput import bound, logparse, pins
 from benchmarks.throughput.model_files import (read_model_config, write_resampled_profile, write_tiny_model_config,
                                                write_wordlevel_tokenizer)
@@ -384,7 +385,7 @@ class Runner:
                 rec = base_record(self.s, cfg, w, "error", traceback.format_exc()[-1500:])
             rec["notes"] = list(notes)
             rec["server_args"] = info.args
-            rec["client_command"] = cmd
+            rec["client_command"] = shown_command(cmd)
             self.records.append(rec)
             self.on_progress(self.records, self.servers)
 

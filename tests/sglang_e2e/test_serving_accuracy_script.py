@@ -65,12 +65,6 @@ def test_server_flags_make_the_server_the_reference_algorithm():
     assert "--disable-radix-cache" not in SA.server_flags("snapkv", 0.3, radix, 4099, 30)
 
 
-def test_paths_inside_the_repository_are_shown_relative_to_it(tmp_path):
-    assert SA.shown(SA.ROOT / "benchmarks" / "results" / "smollm2_gates.safetensors") == \
-        "benchmarks/results/smollm2_gates.safetensors"
-    assert SA.shown(tmp_path / "p.json") == str((tmp_path / "p.json").resolve())
-
-
 def test_cut_and_token_agreement():
     done = lambda t: t[-1] == 0 or t[-2:] == [5, 5]  # noqa: E731
     assert SA.cut([1, 2, 0, 7], done) == [1, 2, 0]

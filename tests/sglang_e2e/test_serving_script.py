@@ -386,6 +386,8 @@ def test_tiny_cpu_run_end_to_end(tmp_path):
         assert x["output_tok_s"] > 0 and x["decode_tok_s"] > 0 and x["input_tok_s"] > 0
         assert 0 < x["ttft_ms_p50"] <= x["ttft_ms_p99"] and 0 < x["tpot_ms_p50"]
         assert x["decode_steps"] >= 1 and math.isfinite(x["bound_ratio"])
+        # the record names the client as it would be run from the repository, not where this checkout lies
+        assert x["client_command"][:2] == ["python", "benchmarks/throughput/client.py"], x["client_command"][:2]
     van, dk = recs["vanilla"], recs["depthkv@0.3"]
     assert van["logical_kv_tokens"] == 4096 and van["ratio_vs_vanilla"] == 1.0 and van["bound_ratio"] == 1.0
     # vanilla's pool holds at most 4096 // 512 distinct prompts at once; 2 of the 12 seed-1 prompts repeat another

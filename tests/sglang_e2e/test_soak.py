@@ -54,6 +54,8 @@ def test_every_soak_check_passed(soak):
     inv = r["invariants"]
     assert inv["idle_after_load"] and inv["sglang_idle_check_passed"] and inv["per_layer_idle_check_passed"]
     assert inv["records_with_violation"] == 0 and inv["idle_checks"] > 0
+    # the server command is recorded as run from the repository, not with this checkout's interpreter path
+    assert r["server_command"].startswith("python -m sglang.launch_server "), r["server_command"][:80]
 
 
 def test_per_layer_pressure_happened(soak):
