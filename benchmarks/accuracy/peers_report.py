@@ -3,8 +3,9 @@
     python -m benchmarks.accuracy.peers_report benchmarks/results/accuracy.json \
         benchmarks/results/accuracy-kvpress.json --out benchmarks/results/accuracy-kvpress.md
 
-Writes the markdown table and, next to it, ``<stem>.png`` (mean score vs kept fraction, our
-policies solid, kvpress's presses dotted, both full caches dashed).
+Writes the markdown tables (all samples, then by length and by task) and, next to them,
+``<stem>.png`` (mean score vs kept fraction, our policies solid, kvpress's presses dotted, both full
+caches dashed).
 
 Samples are matched by (task, target length, index) and must carry the same expected answers (the
 same generator and seed); only samples in both documents and budgets in both are tabled. The
@@ -86,6 +87,11 @@ def write(ours: dict, peers: dict, out: Path) -> str:
         for length in sorted(by_length):
             n = sum(1 for s in doc["samples"] if s["target_tokens"] == length)
             parts += [f"### {length} tokens ({n} samples)", "", markdown_table(by_length[length], budgets, labels), ""]
+    by_task = aggregate(doc, "task")
+    if len(by_task) > 1:
+        for task in sorted(by_task):
+            n = sum(1 for s in doc["samples"] if s["task"] == task)
+            parts += [f"### Task {task} ({n} samples)", "", markdown_table(by_task[task], budgets, labels), ""]
     full_ours, full_theirs = table.get(("full", 1.0)), table.get(("full-kvpress-run", 1.0))
     if full_ours and full_theirs:
         parts += [f"Full cache: ours {full_ours[0]:.3f}, the kvpress venv's {full_theirs[0]:.3f}.", ""]

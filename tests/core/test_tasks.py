@@ -276,6 +276,9 @@ def test_peers_report_tables_by_length_and_names_reused_runs(tmp_path):
     assert "| kvpress SnapKVPress | 0.500 |" in lines[short:long_]
     assert "| kvpress SnapKVPress | 0.250 |" in lines[long_:]
     assert "| kvpress SnapKVPress | 0.375 |" in lines[:short]  # both lengths together
+    mv, pk = lines.index("### Task multivalue (1 samples)"), lines.index("### Task passkey (1 samples)")
+    assert long_ < mv < pk
+    assert "| kvpress SnapKVPress | 0.250 |" in lines[mv:pk] and "| kvpress SnapKVPress | 0.500 |" in lines[pk:]
 
 
 def test_kvpress_peers_reuse_checks_model_versions_and_coverage():
