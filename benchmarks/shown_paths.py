@@ -23,10 +23,10 @@ def shown(path) -> str:
 
 
 def shown_command(cmd: Sequence[str]) -> List[str]:
-    """``cmd`` as a result records it: a leading interpreter (any ``python*`` executable) as
-    ``python``, and every argument that is an absolute path inside the repository relative to it.
-    Other arguments (flags, values, paths outside the repository) are kept as given."""
+    """``cmd`` as a result records it: a leading interpreter (any ``python*`` executable, wherever
+    it lies) as ``python``, and every argument that is an absolute path inside the repository
+    relative to it. Other arguments (flags, values, paths outside the repository) stay as given."""
     out = [str(a) for a in cmd]
-    if out and out[0].startswith("/") and Path(out[0]).name.startswith("python"):
+    if out and Path(out[0]).name.startswith("python"):
         out[0] = "python"
     return [shown(a) if a.startswith("/") else a for a in out]

@@ -25,6 +25,7 @@ def test_a_command_is_recorded_without_the_interpreter_or_checkout_path(tmp_path
            "--request-rate", "2", "--flush-cache"]
     assert shown_command(cmd) == ["python", "benchmarks/throughput/client.py", "--model",
                                   str((tmp_path / "m").resolve()), "--request-rate", "2", "--flush-cache"]
+    assert shown_command([".venv/bin/python3.11", "-m", "benchmarks.serving"]) == ["python", "-m", "benchmarks.serving"]
     # a command that does not start with an interpreter keeps its first word
     assert shown_command(["sglang", "serve", "--port", "1"]) == ["sglang", "serve", "--port", "1"]
     assert shown_command([]) == []
