@@ -21,7 +21,8 @@ policy without one; CUDA graphs stay on; no --max-total-tokens: SGLang sizes the
 Prints and writes ``OUT.json`` and ``OUT.md``: requests sent / completed / aborted / refused,
 requests/s, output tok/s, peak running requests (SGLang's ``Decode batch, #running-req`` log lines,
 one per decode step: ``--decode-log-interval 1``), retractions (SGLang's log), the plugin's per-layer
-pressure counters and the invariant verdicts. Exit status 0 only if every check passed. The server
+pressure counters and the invariant verdicts (the per-layer idle check runs on every idle turn:
+``SGLANG_DEPTHKV_IDLE_CHECK_S=0``). Exit status 0 only if every check passed. The server
 log, the invariant log (``SGLANG_DEPTHKV_INVARIANT_LOG``) and one JSON line per request (ids in and
 out) stay in ``--workdir``.
 """
@@ -57,6 +58,7 @@ from soak_client import send_all  # noqa: E402
 from soak_workload import MODES, build_workload, overlong_requests  # noqa: E402
 
 INVARIANT_ENV = "SGLANG_DEPTHKV_INVARIANT_LOG"  # sglang_depthkv.sglang.invariant_log.ENV
+IDLE_CHECK_ENV = "SGLANG_DEPTHKV_IDLE_CHECK_S"  # patches/invariant_checker.py: PERIOD_ENV
 POLICIES = ("depthkv", "laprox", "kvzip", "snapkv", "pyramid", "streamingllm", "full")
 
 
@@ -188,7 +190,9 @@ def raise_open_files_limit(n_requests: int) -> None:
 
 
 def server_env(args) -> dict:
-    env = {}
+    """The server's extra environment: the per-layer idle check on every idle turn (a production
+    server runs it at most every 30 s; a soak checks them all), then the ``--server-env`` items."""
+    env = {IDLE_CHECK_ENV: "0"}
     for item in args.server_env:
         key, sep, value = item.partition("=")
         if not sep or not key:

@@ -54,6 +54,8 @@ def test_every_soak_check_passed(soak):
     inv = r["invariants"]
     assert inv["idle_after_load"] and inv["sglang_idle_check_passed"] and inv["per_layer_idle_check_passed"]
     assert inv["records_with_violation"] == 0 and inv["idle_checks"] > 0
+    # the soak checks every idle turn, and records that and the --server-env items with the server's environment
+    assert r["config"]["server_env"] == {"SGLANG_DEPTHKV_IDLE_CHECK_S": "0", "SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION": "16"}
     # the server command is recorded as run from the repository, not with this checkout's interpreter path
     assert r["server_command"].startswith("python -m sglang.launch_server "), r["server_command"][:80]
 
