@@ -82,16 +82,12 @@ def write(ours: dict, peers: dict, out: Path) -> str:
         markdown_table(table, budgets, labels),
         "",
     ]
-    by_length = aggregate(doc, "length")
-    if len(by_length) > 1:
-        for length in sorted(by_length):
-            n = sum(1 for s in doc["samples"] if s["target_tokens"] == length)
-            parts += [f"### {length} tokens ({n} samples)", "", markdown_table(by_length[length], budgets, labels), ""]
-    by_task = aggregate(doc, "task")
-    if len(by_task) > 1:
-        for task in sorted(by_task):
-            n = sum(1 for s in doc["samples"] if s["task"] == task)
-            parts += [f"### Task {task} ({n} samples)", "", markdown_table(by_task[task], budgets, labels), ""]
+    for by, field, heading in (("length", "target_tokens", "{} tokens"), ("task", "task", "Task {}")):
+        groups = aggregate(doc, by)
+        if len(groups) > 1:
+            for g in sorted(groups):
+                n = sum(1 for s in doc["samples"] if s[field] == g)
+                parts += [f"### {heading.format(g)} ({n} samples)", "", markdown_table(groups[g], budgets, labels), ""]
     full_ours, full_theirs = table.get(("full", 1.0)), table.get(("full-kvpress-run", 1.0))
     if full_ours and full_theirs:
         parts += [f"Full cache: ours {full_ours[0]:.3f}, the kvpress venv's {full_theirs[0]:.3f}.", ""]
